@@ -1,0 +1,242 @@
+"""FASTA -> deduplicated, split, tokenized Arrow datasets (cached on disk) -> masked-LM DataLoaders."""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import ConfigError, DataError
+from .fasta import read_fasta
+from .masking import collate, crop, mask_tokens, sample_rng
+from .tokenizer import VOCAB, encode_residues
+
+log = logging.getLogger(__name__)
+
+BUNDLED_FASTA = resources.files("protein_mlm") / "assets" / "swissprot_sample.fasta.gz"
+CACHE_FORMAT = 1  # bump when the stored layout or the split rule changes, so old caches are not reused
+FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint8"))})  # 1 byte per residue
+
+
+@dataclass
+class SplitStats:
+    """What preprocessing did, for the start-up log and the run summary."""
+
+    train_sequences: int
+    val_sequences: int
+    duplicates_removed: int
+    empty_removed: int
+    val_overlap_removed: int
+
+
+def is_val_sequence(residues: bytes, val_fraction: float) -> bool:
+    """Deterministic split by content hash: file order does not matter and duplicates cannot straddle it."""
+    digest = hashlib.blake2b(residues, digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def _unique_sequences(path: Path) -> tuple[list[bytes], int, int]:
+    """Residue strings of a FASTA in file order, exact duplicates and empty records dropped."""
+    seen, unique, empty = set(), [], 0
+    total = 0
+    for _, residues in read_fasta(path):
+        total += 1
+        if not residues:
+            empty += 1
+        elif residues not in seen:
+            seen.add(residues)
+            unique.append(residues)
+    return unique, total - empty - len(unique), empty
+
+
+def _to_arrow(sequences: list[bytes]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"input_ids": [encode_residues(s) for s in sequences]}, features=FEATURES)
+
+
+def _cache_key(*paths: Path | None, **settings) -> str:
+    """Identify a preprocessing result by the input files' identity (path, size, mtime) and the settings."""
+    parts = [str(CACHE_FORMAT), json.dumps(settings, sort_keys=True)]
+    for p in paths:
+        if p is not None:
+            st = p.stat()
+            parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def build_splits(train_path: Path, val_path: Path | None, val_fraction: float) -> tuple[dict, SplitStats]:
+    """Read, deduplicate and split; with a separate val file, drop its sequences from train (no leakage)."""
+    train_seqs, duplicates, empty = _unique_sequences(train_path)
+    overlap = 0
+    if val_path is None:
+        val_seqs = [s for s in train_seqs if is_val_sequence(s, val_fraction)]
+        train_seqs = [s for s in train_seqs if not is_val_sequence(s, val_fraction)]
+    else:
+        val_seqs, _, _ = _unique_sequences(val_path)
+        val_set = set(val_seqs)
+        kept = [s for s in train_seqs if s not in val_set]
+        overlap, train_seqs = len(train_seqs) - len(kept), kept
+    if not train_seqs or not val_seqs:
+        which = "training" if not train_seqs else "validation"
+        raise DataError(
+            f"the {which} split of {train_path} is empty; give more sequences, "
+            "change data.val_fraction or pass data.val_path"
+        )
+    stats = SplitStats(len(train_seqs), len(val_seqs), duplicates, empty, overlap)
+    return {"train": _to_arrow(train_seqs), "val": _to_arrow(val_seqs)}, stats
+
+
+def load_splits(
+    train_path: Path, val_path: Path | None, val_fraction: float, cache_dir: Path
+) -> tuple[dict[str, datasets.Dataset], SplitStats]:
+    """Memory-mapped Arrow splits, built once per input and reused from `cache_dir` afterwards."""
+    key = _cache_key(train_path, val_path, val_fraction=None if val_path else val_fraction)
+    target = cache_dir / key
+    if not (target / "stats.json").is_file():
+        splits, stats = build_splits(train_path, val_path, val_fraction)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename, so concurrent runs never read a half-written cache.
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}-"))
+        for name, ds in splits.items():
+            ds.save_to_disk(str(tmp / name))
+        (tmp / "stats.json").write_text(json.dumps(stats.__dict__))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is equivalent
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("Tokenized %s into %s", train_path, target)
+    stats = SplitStats(**json.loads((target / "stats.json").read_text()))
+    splits = {name: datasets.load_from_disk(str(target / name)) for name in ("train", "val")}
+    return splits, stats
+
+
+def residue_lengths(sequences: datasets.Dataset) -> np.ndarray:
+    """Length of every sequence, read from the Arrow offsets without materialising the rows."""
+    return pc.list_value_length(sequences.data.column("input_ids")).to_numpy()
+
+
+def unigram_perplexity(sequences: datasets.Dataset) -> float:
+    """Perplexity of the split's own amino-acid frequencies: what a context-free predictor can reach."""
+    ids = pc.list_flatten(sequences.data.column("input_ids")).to_numpy()
+    probs = np.bincount(ids, minlength=len(VOCAB)) / len(ids)
+    probs = probs[probs > 0]
+    return math.exp(-(probs * np.log(probs)).sum())
+
+
+class MaskedSequenceDataset(Dataset):
+    """Index with (epoch, sample index): crop and mask are drawn from a generator keyed on both and the seed."""
+
+    def __init__(self, sequences: datasets.Dataset, max_length: int, seed: int, mask_prob: float = 0.15):
+        self.sequences = sequences.with_format("numpy")
+        self.max_residues = max_length - 2  # room for <cls> and <eos>
+        self.seed = seed
+        self.mask_prob = mask_prob
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        epoch, index = key
+        rng = sample_rng(self.seed, epoch, index)
+        residues = crop(self.sequences[index]["input_ids"], self.max_residues, rng)
+        return mask_tokens(residues, rng, mask_prob=self.mask_prob)
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) so the dataset knows the epoch even inside worker processes.
+
+    Training: a fresh permutation per epoch from (seed, epoch); Lightning calls `set_epoch`.
+    Validation: `fixed=True` keeps epoch 0 and a given order, so every evaluation sees the same masks.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, order=None, fixed: bool = False):
+        self.num_samples, self.seed, self.shuffle, self.fixed = num_samples, seed, shuffle, fixed
+        self.order = np.arange(num_samples) if order is None else np.asarray(order)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.fixed:
+            self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        order = self.order
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = order[torch.randperm(self.num_samples, generator=generator).numpy()]
+        for index in order:
+            yield self.epoch, int(index)
+
+
+class ProteinDataModule(pl.LightningDataModule):
+    """Bundled Swiss-Prot (or any FASTA) as masked-LM batches; validation masks are fixed across evaluations."""
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        val_fraction: float = 0.03,
+        max_length: int = 1024,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        mask_prob: float = 0.15,
+        seed: int = 0,
+        cache_dir: str = ".cache/data",
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if max_length < 3:
+            raise ConfigError(f"data.max_length={max_length} leaves no room for residues; use at least 3")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be at least 1")
+        if not 0.0 < val_fraction < 1.0 and val_path is None:
+            raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 1), or pass data.val_path")
+        self.train_path = Path(train_path) if train_path else Path(str(BUNDLED_FASTA))
+        self.val_path = Path(val_path) if val_path else None
+        self.val_fraction, self.max_length, self.batch_size = val_fraction, max_length, batch_size
+        self.num_workers, self.mask_prob, self.seed = num_workers, mask_prob, seed
+        self.cache_dir, self.pin_memory = Path(cache_dir), pin_memory
+        self.splits: dict[str, datasets.Dataset] | None = None
+        self.stats: SplitStats | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits, self.stats = load_splits(self.train_path, self.val_path, self.val_fraction, self.cache_dir)
+
+    def val_unigram_perplexity(self) -> float:
+        self.setup()
+        return unigram_perplexity(self.splits["val"])
+
+    def _loader(self, split: str, sampler: EpochSampler) -> DataLoader:
+        dataset = MaskedSequenceDataset(self.splits[split], self.max_length, self.seed, self.mask_prob)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        n = len(self.splits["train"])
+        return self._loader("train", EpochSampler(n, self.seed, shuffle=True))
+
+    def val_dataloader(self) -> DataLoader:
+        # Length-sorted so validation batches carry little padding; masks fixed (epoch 0) at every evaluation.
+        order = np.argsort(residue_lengths(self.splits["val"]), kind="stable")
+        return self._loader("val", EpochSampler(len(order), self.seed, shuffle=False, order=order, fixed=True))

@@ -1,0 +1,32 @@
+"""Build a Hugging Face `EsmForMaskedLM` from a plain architecture dict (never downloads weights)."""
+
+from typing import Any
+
+import torch
+from transformers import EsmConfig, EsmForMaskedLM
+
+from .tokenizer import MASK_ID, PAD_ID, VOCAB
+
+
+def esm_config(architecture: dict[str, Any]) -> EsmConfig:
+    """EsmConfig with the shipped alphabet's size and special ids; the dict gives the architecture."""
+    arch = dict(architecture)
+    attn_implementation = arch.pop("attn_implementation", "sdpa")
+    config = EsmConfig(vocab_size=len(VOCAB), pad_token_id=PAD_ID, mask_token_id=MASK_ID, **arch)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def build_model(architecture: dict[str, Any], device: str | torch.device | None = None) -> EsmForMaskedLM:
+    """A freshly initialised ESM masked-LM; `device="meta"` builds the shape only (free, for counting)."""
+    with torch.device(device or "cpu"):
+        model = EsmForMaskedLM(esm_config(architecture))
+    # The contact-prediction head gets no gradient from MLM: freezing it keeps the HF checkpoint layout
+    # (so exports load in `from_pretrained`) without DDP's unused-parameter error.
+    model.esm.contact_head.requires_grad_(False)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once), as a checkpoint stores them."""
+    return sum(p.numel() for p in model.parameters())

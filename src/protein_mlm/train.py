@@ -1,0 +1,100 @@
+"""`train(cfg)`: compose the objects a config describes, fit, and report. No `@hydra.main` here."""
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+from .module import MaskedLMModule
+from .reporting import print_config_tree, print_summary
+
+log = logging.getLogger(__name__)
+
+LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "name")  # passed to Lightning, not to the schedule
+
+
+def split_scheduler_config(scheduler_cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the schedule function's `_partial_` config, Lightning's lr_scheduler keys)."""
+    schedule = OmegaConf.to_container(scheduler_cfg, resolve=True)
+    lightning = {k: schedule.pop(k) for k in LIGHTNING_SCHEDULER_KEYS if k in schedule}
+    return schedule, lightning
+
+
+def split_optimizer_config(optimizer_cfg: DictConfig) -> tuple[dict[str, Any], bool]:
+    """(the torch optimizer's `_partial_` config, whether biases/LayerNorm skip weight decay)."""
+    optimizer = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    return optimizer, bool(optimizer.pop("no_decay_bias_and_norm", False))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject values that would fail late or train silently wrong, with the fix in the message."""
+    if not cfg.optimizer.lr > 0:
+        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be > 0 (it is the peak LR); e.g. optimizer.lr=4e-4")
+    if not cfg.trainer.max_steps > 0:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0; e.g. trainer.max_steps=1000")
+    if cfg.scheduler.get("warmup_steps", 0) < 0:
+        raise ConfigError(f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} is negative; use 0 or more")
+    for key in ("train_path", "val_path"):
+        path = cfg.data.get(key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"data.{key}={path} does not exist; pass the path of a FASTA file (.fasta or .fasta.gz)")
+    build_schedule(cfg)
+
+
+def build_schedule(cfg: DictConfig):
+    """The configured `step -> multiplier` function, checked at the first and the last step."""
+    schedule_cfg, _ = split_scheduler_config(cfg.scheduler)
+    schedule = instantiate(schedule_cfg)
+    try:
+        for step in (0, cfg.trainer.max_steps - 1):
+            value = schedule(step)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"the schedule gives LR multiplier {value} at step {step}; check scheduler.*")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    return schedule
+
+
+def build_module(cfg: DictConfig) -> MaskedLMModule:
+    optimizer_cfg, no_decay = split_optimizer_config(cfg.optimizer)
+    _, lightning_keys = split_scheduler_config(cfg.scheduler)
+    return MaskedLMModule(
+        architecture=OmegaConf.to_container(cfg.model.architecture, resolve=True),
+        optimizer=instantiate(optimizer_cfg),
+        schedule=build_schedule(cfg),
+        lr_scheduler=lightning_keys,
+        no_decay_bias_and_norm=no_decay,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train as the config says; return the final validation metrics."""
+    check_config(cfg)
+    started = time.monotonic()
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if cfg.get("print_config", True):
+        print_config_tree(cfg)
+
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics["val/unigram_perplexity"] = datamodule.val_unigram_perplexity()
+    metrics["steps"] = trainer.global_step
+    metrics["wall_time_s"] = time.monotonic() - started
+    print_summary(metrics, run_dir)
+    return metrics
