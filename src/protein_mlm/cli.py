@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, UserError
@@ -51,7 +51,7 @@ def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"{_one_line(e)} (list groups and keys with --help / --cfg job)") from None
 
 
-def _make_run_dir(requested: str, explicit: bool) -> str:
+def make_run_dir(requested: str, explicit: bool) -> str:
     """Create the run dir now; a default one gets a -1, -2 … suffix when a run in the same second took it."""
     base = Path(requested)
     candidates = [base] if explicit else [base] + [Path(f"{base}-{i}") for i in range(1, 1000)]
@@ -65,7 +65,9 @@ def _make_run_dir(requested: str, explicit: bool) -> str:
                 f"cannot create the run dir {path} ({e.strerror}); choose a writable hydra.run.dir or paths.log_dir"
             ) from None
         if explicit and any(path.iterdir()):
-            raise ConfigError(f"run dir {path} already holds files; choose a new hydra.run.dir so nothing is overwritten")
+            raise ConfigError(
+                f"run dir {path} already holds files; choose a new hydra.run.dir so nothing is overwritten"
+            )
         return str(path)
     raise ConfigError(f"too many runs named {base}-N; choose another hydra.run.dir")
 
@@ -77,7 +79,7 @@ def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
     cfg = compose_checked(config_name, argv)
     check(cfg)
     explicit = any(arg.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for arg in argv)
-    run_dir = _make_run_dir(cfg.hydra.run.dir, explicit)
+    run_dir = make_run_dir(cfg.hydra.run.dir, explicit)
     return [a for a in argv if a.split("=", 1)[0].lstrip("+~") != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"]
 
 
@@ -103,4 +105,3 @@ def train_main() -> None:
     from .train import check_config, train
 
     run("train", train, check_config)
-

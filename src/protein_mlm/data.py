@@ -24,6 +24,7 @@ from .masking import collate, crop, mask_tokens, sample_rng
 from .tokenizer import VOCAB, encode_residues
 
 log = logging.getLogger(__name__)
+datasets.disable_progress_bars()  # the one-off Arrow conversion is quick; its bars only clutter the log
 
 BUNDLED_FASTA = resources.files("protein_mlm") / "assets" / "swissprot_sample.fasta.gz"
 CACHE_FORMAT = 1  # bump when the stored layout or the split rule changes, so old caches are not reused
@@ -181,6 +182,54 @@ class EpochSampler(Sampler):
             yield self.epoch, int(index)
 
 
+class TokenBudgetBatchSampler(Sampler):
+    """fairseq `--max-tokens` batching: batches of similar length whose padded size fits `max_tokens`.
+
+    Each epoch sorts by length with a random tie-break from (seed, epoch), cuts greedy batches, and shuffles
+    the batch order, so padding stays small and the order stays random. Yields lists of (epoch, index).
+    `fixed=True` (validation) keeps epoch 0 and the sorted order.
+    """
+
+    def __init__(self, lengths: np.ndarray, max_tokens: int, seed: int, shuffle: bool = True, fixed: bool = False):
+        if max_tokens < int(lengths.max()):
+            raise ConfigError(
+                f"data.max_tokens={max_tokens} is below the longest (cropped) sequence, {int(lengths.max())} tokens; "
+                "raise data.max_tokens or lower data.max_length"
+            )
+        self.lengths, self.max_tokens, self.seed = np.asarray(lengths), max_tokens, seed
+        self.shuffle, self.fixed, self.epoch = shuffle, fixed, 0
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.fixed:
+            self.epoch = epoch
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The batches (arrays of sample indices) of one epoch, in the order they are served."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        tie_break = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        order = np.lexsort((tie_break, self.lengths))  # ascending length: the last one sets the padded width
+        batches, start = [], 0
+        for end in range(1, len(order) + 1):
+            if end == len(order) or (end - start + 1) * self.lengths[order[end]] > self.max_tokens:
+                batches.append(order[start:end])
+                start = end
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        self._cache = (epoch, batches)
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+    def __iter__(self):
+        epoch = self.epoch
+        for batch in self.batches(epoch):
+            yield [(epoch, int(i)) for i in batch]
+
+
 class ProteinDataModule(pl.LightningDataModule):
     """Bundled Swiss-Prot (or any FASTA) as masked-LM batches; validation masks are fixed across evaluations."""
 
@@ -191,6 +240,7 @@ class ProteinDataModule(pl.LightningDataModule):
         val_fraction: float = 0.03,
         max_length: int = 1024,
         batch_size: int = 16,
+        max_tokens: int | None = None,
         num_workers: int = 0,
         mask_prob: float = 0.15,
         seed: int = 0,
@@ -200,6 +250,11 @@ class ProteinDataModule(pl.LightningDataModule):
         super().__init__()
         if max_length < 3:
             raise ConfigError(f"data.max_length={max_length} leaves no room for residues; use at least 3")
+        if max_tokens is not None and max_tokens < max_length:
+            raise ConfigError(
+                f"data.max_tokens={max_tokens} is below data.max_length={max_length}, so a long sequence fits no "
+                "batch; raise data.max_tokens or lower data.max_length"
+            )
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be at least 1")
         if not 0.0 < val_fraction < 1.0 and val_path is None:
@@ -207,6 +262,7 @@ class ProteinDataModule(pl.LightningDataModule):
         self.train_path = Path(train_path) if train_path else Path(str(BUNDLED_FASTA))
         self.val_path = Path(val_path) if val_path else None
         self.val_fraction, self.max_length, self.batch_size = val_fraction, max_length, batch_size
+        self.max_tokens = max_tokens
         self.num_workers, self.mask_prob, self.seed = num_workers, mask_prob, seed
         self.cache_dir, self.pin_memory = Path(cache_dir), pin_memory
         self.splits: dict[str, datasets.Dataset] | None = None
@@ -220,23 +276,30 @@ class ProteinDataModule(pl.LightningDataModule):
         self.setup()
         return unigram_perplexity(self.splits["val"])
 
-    def _loader(self, split: str, sampler: EpochSampler) -> DataLoader:
+    def token_lengths(self, split: str) -> np.ndarray:
+        """Tokens per sample after cropping, <cls>/<eos> included."""
+        return np.minimum(residue_lengths(self.splits[split]), self.max_length - 2) + 2
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = MaskedSequenceDataset(self.splits[split], self.max_length, self.seed, self.mask_prob)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
+        lengths = self.token_lengths(split)
+        common = dict(
             collate_fn=collate,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+        if self.max_tokens is not None:
+            sampler = TokenBudgetBatchSampler(lengths, self.max_tokens, self.seed, shuffle=shuffle, fixed=not shuffle)
+            return DataLoader(dataset, batch_sampler=sampler, **common)
+        # Validation in length order, so its batches carry little padding.
+        order = None if shuffle else np.argsort(lengths, kind="stable")
+        sampler = EpochSampler(len(lengths), self.seed, shuffle=shuffle, order=order, fixed=not shuffle)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
-        n = len(self.splits["train"])
-        return self._loader("train", EpochSampler(n, self.seed, shuffle=True))
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        # Length-sorted so validation batches carry little padding; masks fixed (epoch 0) at every evaluation.
-        order = np.argsort(residue_lengths(self.splits["val"]), kind="stable")
-        return self._loader("val", EpochSampler(len(order), self.seed, shuffle=False, order=order, fixed=True))
+        # Masks are fixed (epoch 0) at every evaluation, so val/loss is comparable across steps and runs.
+        return self._loader("val", shuffle=False)

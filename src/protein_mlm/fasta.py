@@ -23,7 +23,10 @@ def _check_text(path: Path, line_no: int, line: bytes) -> None:
     try:
         line.decode("utf-8")
     except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8/ASCII text (line {line_no}); pass a plain or gzipped FASTA file")
+        raise DataError(
+            f"{path} is not FASTA text (binary or non-UTF-8 bytes on line {line_no}); "
+            "pass a plain or gzipped FASTA file"
+        ) from None
 
 
 def read_fasta(path: str | Path) -> Iterator[tuple[str, bytes]]:

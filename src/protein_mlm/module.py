@@ -64,9 +64,7 @@ class MaskedLMModule(pl.LightningModule):
         targets = labels.ne(IGNORE_INDEX)
         n_targets = targets.sum()
         # Cross-entropy in fp32 even under bf16 autocast: it is a sum over many small terms.
-        loss_sum = F.cross_entropy(
-            logits[targets].float(), labels[targets], reduction="sum", ignore_index=IGNORE_INDEX
-        )
+        loss_sum = F.cross_entropy(logits[targets].float(), labels[targets], reduction="sum", ignore_index=IGNORE_INDEX)
         correct = (logits[targets].argmax(-1) == labels[targets]).sum()
         return loss_sum / n_targets.clamp(min=1), n_targets, correct
 

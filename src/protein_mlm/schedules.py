@@ -27,13 +27,16 @@ def _warmup(step: int, warmup_steps: int, peak_lr: float, warmup_init_lr: float)
     return init + (1.0 - init) * step / warmup_steps
 
 
-def _decay_progress(step: int, warmup_steps: int, decay_end: float) -> float:
-    """Fraction of the decay phase done at `step`, clipped to [0, 1]."""
+def _check_decay(warmup_steps: int, decay_end: float) -> None:
     if decay_end <= warmup_steps:
         raise ValueError(
             f"the decay ends at step {decay_end:g}, not after warmup_steps={warmup_steps}; "
             "raise trainer.max_steps (or scheduler.decay_end_fraction) or lower scheduler.warmup_steps"
         )
+
+
+def _decay_progress(step: int, warmup_steps: int, decay_end: float) -> float:
+    """Fraction of the decay phase done at `step`, clipped to [0, 1]."""
     return min(1.0, (step - warmup_steps) / (decay_end - warmup_steps))
 
 
@@ -80,6 +83,7 @@ def linear(
 ) -> float:
     """Linear warmup, linear decay to `final_lr_ratio` at `decay_end_fraction * total_steps`, then flat (ESM-2)."""
     _check(warmup_steps, peak_lr, warmup_init_lr)
+    _check_decay(warmup_steps, decay_end_fraction * total_steps)
     if step < warmup_steps:
         return _warmup(step, warmup_steps, peak_lr, warmup_init_lr)
     progress = _decay_progress(step, warmup_steps, decay_end_fraction * total_steps)
@@ -97,6 +101,7 @@ def cosine(
 ) -> float:
     """Linear warmup, then half a cosine from the peak down to `final_lr_ratio` at `total_steps`."""
     _check(warmup_steps, peak_lr, warmup_init_lr)
+    _check_decay(warmup_steps, total_steps)
     if step < warmup_steps:
         return _warmup(step, warmup_steps, peak_lr, warmup_init_lr)
     progress = _decay_progress(step, warmup_steps, total_steps)
@@ -115,6 +120,7 @@ def polynomial(
 ) -> float:
     """Linear warmup, then `(1 - progress) ** power` decay to `final_lr_ratio` at `total_steps` (fairseq)."""
     _check(warmup_steps, peak_lr, warmup_init_lr)
+    _check_decay(warmup_steps, total_steps)
     if step < warmup_steps:
         return _warmup(step, warmup_steps, peak_lr, warmup_init_lr)
     progress = _decay_progress(step, warmup_steps, total_steps)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,6 +31,25 @@ def split_optimizer_config(optimizer_cfg: DictConfig) -> tuple[dict[str, Any], b
     """(the torch optimizer's `_partial_` config, whether biases/LayerNorm skip weight decay)."""
     optimizer = OmegaConf.to_container(optimizer_cfg, resolve=True)
     return optimizer, bool(optimizer.pop("no_decay_bias_and_norm", False))
+
+
+def cpu_supports_bf16() -> bool:
+    """True on x86 CPUs with native bf16 (AVX512-BF16 or AMX), where bf16 autocast is faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """`auto`: bf16-mixed where the hardware runs it natively (recent GPUs, AVX512-BF16/AMX CPUs), else fp32."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -89,7 +109,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -1,0 +1,62 @@
+"""Shared fixtures: configs composed with Hydra's compose API, shrunk to tiny CPU runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+
+TINY = [
+    "model=tiny",
+    "trainer.accelerator=cpu",
+    "trainer.precision=32-true",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=6",
+    "trainer.num_sanity_val_steps=0",
+    "data.max_length=64",
+    "data.max_tokens=512",
+    "scheduler.warmup_steps=4",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "print_config=false",
+]
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One Arrow cache for the whole session: the bundled data is tokenized once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, cache_dir):
+    """Factory: a tiny-model training config writing into tmp_path, with extra overrides."""
+
+    def make(*overrides: str) -> DictConfig:
+        cfg = compose_config(*TINY, f"paths.cache_dir={cache_dir}", *overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        return cfg
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

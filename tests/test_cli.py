@@ -1,0 +1,86 @@
+"""`python train.py` with bad input: one line naming the problem and the fix, exit 2, no traceback,
+nothing written over an earlier run."""
+
+import pytest
+
+from protein_mlm.cli import make_run_dir
+from tests.conftest import TINY, run_cli
+
+QUICK = [o for o in TINY if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=2"]
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["model=esm2_9m"], ["esm2_9m", "esm2_8m"]),  # unknown option: names it and lists the real ones
+        (["trainer.no_such_key=1"], ["no_such_key"]),
+        (["optimizer.lr=0"], ["optimizer.lr=0", "> 0"]),
+        (["optimizer.lr=-1e-4"], ["optimizer.lr"]),
+        (["trainer.max_steps=0"], ["trainer.max_steps=0", "> 0"]),
+        (["scheduler.warmup_steps=-5"], ["warmup_steps=-5", "negative"]),
+        (["data.train_path=missing.fasta"], ["missing.fasta", "does not exist"]),
+        (["scheduler=linear", "scheduler.warmup_steps=50", "trainer.max_steps=10"], ["warmup_steps=50"]),
+    ],
+)
+def test_bad_config_is_rejected_before_anything_runs(tmp_path, overrides, fragments):
+    result = run_cli(*overrides, cwd=tmp_path)
+    assert_user_error(result, *fragments)
+    assert not (tmp_path / "outputs").exists()  # rejected before a run dir was made
+
+
+def test_run_dir_that_cannot_be_created(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = run_cli(f"hydra.run.dir={tmp_path}/afile/run", cwd=tmp_path)
+    assert_user_error(result, "cannot create the run dir", "hydra.run.dir")
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path):
+    old = tmp_path / "old_run"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "last.ckpt").write_text("precious")
+    result = run_cli(f"hydra.run.dir={old}", cwd=tmp_path)
+    assert_user_error(result, "already holds files")
+    assert (old / "checkpoints" / "last.ckpt").read_text() == "precious"
+    assert sorted(p.name for p in old.iterdir()) == ["checkpoints"]
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (b">a\nMKTAYIAKQR\n>b\nMK1T\n", ["bad.fasta:4:3", "invalid residue character '1'"]),
+        (b"", ["is empty"]),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", ["binary"]),
+        (b"just some text\n", ["before the first '>'"]),
+    ],
+)
+def test_bad_data_file_is_one_line(tmp_path, content, fragments):
+    (tmp_path / "bad.fasta").write_bytes(content)
+    result = run_cli(*QUICK, "data.train_path=bad.fasta", f"paths.cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert_user_error(result, *fragments)
+
+
+def test_default_run_dirs_never_collide(tmp_path):
+    first = make_run_dir(str(tmp_path / "15-00-00"), explicit=False)
+    second = make_run_dir(str(tmp_path / "15-00-00"), explicit=False)
+    assert (first, second) == (str(tmp_path / "15-00-00"), str(tmp_path / "15-00-00-1"))
+
+
+def test_a_good_run_ends_with_a_summary_line(tmp_path):
+    result = run_cli(*QUICK, f"paths.cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = [line for line in result.stdout.splitlines() if line.startswith("Done: ")]
+    assert len(summary) == 1
+    assert "val/perplexity" in summary[0] and "unigram perplexity" in summary[0]
+    run_dirs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1 and f"tensorboard --logdir {run_dirs[0]}" in summary[0]
+    assert (run_dirs[0] / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dirs[0] / "tensorboard").glob("events.out.tfevents.*"))

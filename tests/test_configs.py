@@ -1,0 +1,53 @@
+"""Every option of every config group composes, and what it describes instantiates."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from protein_mlm.data import ProteinDataModule
+from protein_mlm.train import build_schedule, split_optimizer_config
+from tests.conftest import CONFIG_DIR, compose_config
+
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths", "debug", "experiment"]
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONFIG_DIR / g).glob("*.yaml"))]
+
+
+def test_every_group_has_options():
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes(group, option):
+    cfg = compose_config(f"{group}={option}")
+    assert cfg.model.architecture.num_hidden_layers > 0
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "optimizer"])
+def test_optimizers_instantiate_as_partials(option):
+    optimizer_cfg, _ = split_optimizer_config(compose_config(f"optimizer={option}").optimizer)
+    optimizer = instantiate(optimizer_cfg)([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups[0]["lr"] == optimizer_cfg["lr"]
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "scheduler"])
+def test_schedulers_are_step_functions_with_lightning_keys(option):
+    cfg = compose_config(f"scheduler={option}")
+    assert (cfg.scheduler.interval, cfg.scheduler.frequency, cfg.scheduler.name) == ("step", 1, f"lr-{option}")
+    schedule = build_schedule(cfg)
+    assert schedule(0) == 0.0 and schedule(cfg.scheduler.warmup_steps) == pytest.approx(1.0)
+
+
+def test_adamw_has_esm2_values():
+    opt = compose_config().optimizer
+    assert opt._target_ == "torch.optim.AdamW" and opt._partial_
+    assert list(opt.betas) == [0.9, 0.98] and opt.eps == 1e-8 and opt.weight_decay == 0.01
+
+
+def test_default_groups_instantiate(tmp_path):
+    cfg = compose_config("trainer=cpu", f"paths.output_dir={tmp_path}")
+    assert isinstance(instantiate(cfg.data), ProteinDataModule)
+    assert all(instantiate(callback) is not None for callback in cfg.callbacks.values())
+    logger = instantiate(cfg.logger.tensorboard)
+    trainer = instantiate(cfg.trainer, precision="32-true", logger=logger)
+    assert trainer.max_steps == cfg.trainer.max_steps and trainer.log_every_n_steps == 1

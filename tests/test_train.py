@@ -1,0 +1,76 @@
+"""Tiny end-to-end training runs, checked through what they write: TensorBoard events, checkpoints, config."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from protein_mlm import schedules
+from protein_mlm.tblog import read_scalars
+from protein_mlm.train import train
+
+
+def run(cfg) -> tuple[dict, dict, Path]:
+    metrics = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    return metrics, read_scalars(run_dir / "tensorboard"), run_dir
+
+
+def expected_lrs(peak, steps, **kwargs):
+    return [peak * schedules.inverse_sqrt(s, **kwargs) for s in range(steps)]
+
+
+def test_lr_is_logged_once_per_optimizer_step_and_equals_the_schedule(tiny_cfg):
+    cfg = tiny_cfg("optimizer.lr=1e-3")
+    metrics, scalars, run_dir = run(cfg)
+
+    lrs = scalars["lr-inverse_sqrt"]
+    assert [step for step, _ in lrs] == list(range(12))
+    assert [v for _, v in lrs] == pytest.approx(expected_lrs(1e-3, 12, warmup_steps=4), rel=1e-6)
+    assert [step for step, _ in scalars["train/loss"]] == list(range(12))
+    tokens = [v for _, v in scalars["train/tokens_seen"]]
+    assert all(b > a for a, b in zip(tokens, tokens[1:]))
+    assert [step for step, _ in scalars["val/loss"]] == [5, 11]  # after updates 6 and 12
+    assert metrics["steps"] == 12 and math.isfinite(metrics["val/loss"])
+    assert metrics["val/perplexity"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
+    assert 0 <= metrics["val/accuracy"] <= 1
+
+    assert (run_dir / "config.yaml").is_file()
+    checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-step") for name in checkpoints)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # plain containers only
+    assert ckpt["global_step"] == 12
+    assert ckpt["hyper_parameters"]["architecture"]["hidden_size"] == 32
+
+
+def test_gradient_accumulation_still_logs_one_lr_per_optimizer_step(tiny_cfg):
+    cfg = tiny_cfg("trainer.accumulate_grad_batches=3", "trainer.max_steps=5", "trainer.val_check_interval=9")
+    _, scalars, _ = run(cfg)
+    lrs = scalars["lr-inverse_sqrt"]
+    assert [step for step, _ in lrs] == list(range(5))
+    assert [v for _, v in lrs] == pytest.approx(expected_lrs(cfg.optimizer.lr, 5, warmup_steps=4), rel=1e-6)
+    assert [step for step, _ in scalars["train/loss"]] == list(range(5))
+
+
+def test_lr_every_step_even_when_train_metrics_are_logged_rarely(tiny_cfg):
+    _, scalars, _ = run(tiny_cfg("trainer.log_every_n_steps=50"))
+    assert [step for step, _ in scalars["lr-inverse_sqrt"]] == list(range(12))
+
+
+def test_parameter_groups_are_logged_by_name(tiny_cfg):
+    cfg = tiny_cfg("scheduler=linear", "scheduler.warmup_steps=3", "optimizer.no_decay_bias_and_norm=true")
+    _, scalars, _ = run(cfg)
+    expected = [cfg.optimizer.lr * schedules.linear(s, warmup_steps=3, total_steps=12) for s in range(12)]
+    for group in ("decay", "no_decay"):
+        lrs = scalars[f"lr-linear/{group}"]
+        assert [step for step, _ in lrs] == list(range(12))
+        assert [v for _, v in lrs] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_same_seed_same_run(tiny_cfg, tmp_path):
+    first = run(tiny_cfg("trainer.max_steps=4", "trainer.val_check_interval=4"))[1]["train/loss"]
+    cfg = tiny_cfg("trainer.max_steps=4", "trainer.val_check_interval=4")
+    cfg.paths.output_dir = str(tmp_path / "again")
+    second = run(cfg)[1]["train/loss"]
+    assert first == second
