@@ -28,6 +28,7 @@ def assert_user_error(result, *fragments):
         (["trainer.max_steps=0"], ["trainer.max_steps=0", "> 0"]),
         (["scheduler.warmup_steps=-5"], ["warmup_steps=-5", "negative"]),
         (["data.train_path=missing.fasta"], ["missing.fasta", "does not exist"]),
+        (["ckpt_path=nope.ckpt"], ["nope.ckpt", "does not exist"]),
         (["scheduler=linear", "scheduler.warmup_steps=50", "trainer.max_steps=10"], ["warmup_steps=50"]),
     ],
 )

@@ -74,3 +74,10 @@ def test_same_seed_same_run(tiny_cfg, tmp_path):
     cfg.paths.output_dir = str(tmp_path / "again")
     second = run(cfg)[1]["train/loss"]
     assert first == second
+
+
+def test_fast_dev_run_touches_nothing_on_disk_but_the_config(tiny_cfg):
+    metrics = train(tiny_cfg("debug=fast_dev_run"))
+    run_dir = Path(tiny_cfg().paths.output_dir)
+    assert metrics["steps"] == 1 and math.isfinite(metrics["val/loss"])
+    assert not (run_dir / "checkpoints").exists()

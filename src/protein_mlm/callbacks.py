@@ -1,9 +1,9 @@
-"""Lightning callbacks: one LR value per optimizer step, and a validation at the last step."""
+"""Lightning callbacks: one LR value per optimizer step, a validation at the last step, the progress bar."""
 
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 
 
 class StepLearningRateMonitor(LearningRateMonitor):
@@ -36,3 +36,10 @@ class ValidateAtLastStep(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress bar that does not print Lightning's "Epoch 0/-2" when only max_steps bounds the run."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"Epoch {current_epoch}"

@@ -60,11 +60,19 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0; e.g. trainer.max_steps=1000")
     if cfg.scheduler.get("warmup_steps", 0) < 0:
         raise ConfigError(f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} is negative; use 0 or more")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file")
     for key in ("train_path", "val_path"):
         path = cfg.data.get(key)
         if path and not Path(path).is_file():
             raise ConfigError(f"data.{key}={path} does not exist; pass the path of a FASTA file (.fasta or .fasta.gz)")
     build_schedule(cfg)
+    if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:
+        log.warning(
+            "scheduler.warmup_steps=%s exceeds trainer.max_steps=%s: the LR never reaches optimizer.lr",
+            cfg.scheduler.warmup_steps,
+            cfg.trainer.max_steps,
+        )
 
 
 def build_schedule(cfg: DictConfig):
