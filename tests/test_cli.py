@@ -85,3 +85,8 @@ def test_a_good_run_ends_with_a_summary_line(tmp_path):
     assert len(run_dirs) == 1 and f"tensorboard --logdir {run_dirs[0]}" in summary[0]
     assert (run_dirs[0] / "checkpoints" / "last.ckpt").is_file()
     assert list((run_dirs[0] / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_divergence_ends_a_single_run_with_one_line(tmp_path):
+    result = run_cli(*QUICK, "faults.inject_nan_at_step=1", f"paths.cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert_user_error(result, "training diverged at step 1", "gradient norm is nan")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from protein_mlm import schedules
+from protein_mlm.callbacks import TrainingDiverged
 from protein_mlm.tblog import read_scalars
 from protein_mlm.train import train
 
@@ -29,6 +30,7 @@ def test_lr_is_logged_once_per_optimizer_step_and_equals_the_schedule(tiny_cfg):
     assert [step for step, _ in lrs] == list(range(12))
     assert [v for _, v in lrs] == pytest.approx(expected_lrs(1e-3, 12, warmup_steps=4), rel=1e-6)
     assert [step for step, _ in scalars["train/loss"]] == list(range(12))
+    assert [step for step, _ in scalars["train/grad_norm"]] == list(range(12))
     tokens = [v for _, v in scalars["train/tokens_seen"]]
     assert all(b > a for a, b in zip(tokens, tokens[1:]))
     assert [step for step, _ in scalars["val/loss"]] == [5, 11]  # after updates 6 and 12
@@ -76,8 +78,15 @@ def test_same_seed_same_run(tiny_cfg, tmp_path):
     assert first == second
 
 
-def test_fast_dev_run_touches_nothing_on_disk_but_the_config(tiny_cfg):
+def test_fast_dev_run_runs_one_batch_of_each(tiny_cfg):
     metrics = train(tiny_cfg("debug=fast_dev_run"))
-    run_dir = Path(tiny_cfg().paths.output_dir)
     assert metrics["steps"] == 1 and math.isfinite(metrics["val/loss"])
-    assert not (run_dir / "checkpoints").exists()
+
+
+def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tiny_cfg):
+    cfg = tiny_cfg("faults.inject_nan_at_step=8")
+    with pytest.raises(TrainingDiverged, match="diverged at step 8: gradient norm is nan"):
+        train(cfg)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6  # saved at the validation after step 6, not overwritten
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())

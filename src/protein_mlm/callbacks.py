@@ -1,9 +1,13 @@
-"""Lightning callbacks: one LR value per optimizer step, a validation at the last step, the progress bar."""
+"""Lightning callbacks: per-step LR, validation at the last step, divergence guard, progress bar."""
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
+
+from .errors import UserError
 
 
 class StepLearningRateMonitor(LearningRateMonitor):
@@ -43,3 +47,44 @@ class StepProgressBar(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"Epoch {current_epoch}"
+
+
+class TrainingDiverged(UserError):
+    """Training produced a non-finite or runaway loss; carries the step it happened at."""
+
+    def __init__(self, step: int, reason: str):
+        self.step = step
+        super().__init__(
+            f"training diverged at step {step}: {reason}; lower optimizer.lr, raise scheduler.warmup_steps "
+            "or set trainer.gradient_clip_val (the last good checkpoint is kept)"
+        )
+
+
+class DivergenceGuard(pl.Callback):
+    """Stop at the first non-finite loss or gradient norm, or after `patience` steps with loss > `max_loss`.
+
+    Raising before the optimizer step keeps NaNs out of the weights, and Lightning saves no checkpoint on
+    an exception, so `last.ckpt` stays the last good one. Also logs `train/grad_norm` every step.
+    """
+
+    def __init__(self, max_loss: float = 10.0, patience: int = 20):
+        self.max_loss, self.patience = max_loss, patience
+        self._steps_above = 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        step = trainer.global_step
+        if not math.isfinite(norm):
+            raise TrainingDiverged(step, f"gradient norm is {norm}")
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/grad_norm": norm}, step=step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+        step = max(trainer.global_step - 1, 0)  # the update this batch belonged to (or the one before it)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(step, f"loss is {loss}")
+        self._steps_above = self._steps_above + 1 if loss > self.max_loss else 0
+        if self._steps_above >= self.patience:
+            raise TrainingDiverged(step, f"loss above {self.max_loss} for {self.patience} batches (now {loss:.3g})")

@@ -42,6 +42,7 @@ class MaskedLMModule(pl.LightningModule):
         lr_scheduler: dict[str, Any] | None = None,
         no_decay_bias_and_norm: bool = False,
         run_config: dict[str, Any] | None = None,
+        inject_nan_at_step: int | None = None,
     ):
         super().__init__()
         # Only plain containers go into the checkpoint, so it loads with torch.load(weights_only=True).
@@ -70,6 +71,8 @@ class MaskedLMModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_targets, _ = self._masked_lm(batch)
+        if self.trainer.global_step == self.hparams.inject_nan_at_step:  # fault injection for tests
+            loss = loss * float("nan")
         # Kept as tensors until the optimizer step, so a GPU syncs once per step, not per micro-batch.
         self._window[0] += loss.detach() * n_targets
         self._window[1] += n_targets

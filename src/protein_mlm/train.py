@@ -99,6 +99,7 @@ def build_module(cfg: DictConfig) -> MaskedLMModule:
         lr_scheduler=lightning_keys,
         no_decay_bias_and_norm=no_decay,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        inject_nan_at_step=cfg.faults.inject_nan_at_step,
     )
 
 
