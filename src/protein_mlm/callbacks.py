@@ -43,10 +43,16 @@ class ValidateAtLastStep(pl.Callback):
 
 
 class StepProgressBar(RichProgressBar):
-    """Rich progress bar that does not print Lightning's "Epoch 0/-2" when only max_steps bounds the run."""
+    """Rich progress bar: the LR in scientific notation (not "0.000"), and no "Epoch 0/-2" without max_epochs."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"Epoch {current_epoch}"
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if isinstance(metrics.get("lr"), float):
+            metrics["lr"] = f"{metrics['lr']:.2e}"
+        return metrics
 
 
 class TrainingDiverged(UserError):

@@ -4,19 +4,32 @@ Hydra prints multi-line errors (and tracebacks, e.g. for a run dir it cannot cre
 code runs. So the overrides are composed and checked here first; a bad one ends with one line and exit 2.
 """
 
+import logging
+import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, UserError
+from .sweep import SWEPT_KEYS_ENV, job_dir_name, markdown_table, swept_keys, write_status, write_summary
 
+log = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
+
+# hydra.sweep.subdir: jobs are named by the values of the swept keys only, e.g. scheduler.warmup_steps=1000
+OmegaConf.register_new_resolver(
+    "job_dir_name", lambda overrides, num: job_dir_name(list(overrides), int(num)), replace=True
+)
 
 
 def find_config_dir() -> Path:
@@ -83,15 +96,61 @@ def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
     return [a for a in argv if a.split("=", 1)[0].lstrip("+~") != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"]
 
 
+class SweepSummaryCallback(Callback):
+    """Hydra callback: names multirun jobs by their swept values, and keeps summary.csv/.md/.png up to date."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        params = config.hydra.sweeper.get("params")  # set by search sweepers such as Optuna
+        params = OmegaConf.to_container(params, resolve=False) if params else {}
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(list(config.hydra.overrides.task), params))
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            self._summarize(config.hydra.sweep.dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        rows = self._summarize(config.hydra.sweep.dir)
+        if rows is not None:
+            print(f"\nSweep summary ({config.hydra.sweep.dir}/summary.md, summary.csv, summary.png):")
+            print(markdown_table(rows), flush=True)
+
+    @staticmethod
+    def _summarize(sweep_dir: str):
+        try:
+            return write_summary(sweep_dir)
+        except Exception as e:  # a summary problem must never end the sweep
+            log.warning("could not write the sweep summary: %s", e)
+            return None
+
+
+def _one_line_error(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def run_task(task, cfg: DictConfig) -> float:
+    """Run one job. A single run fails loudly (one line for user errors); a multirun job records the failure
+    in its status.json and returns +inf, so the sweep goes on and a sweeper can rank it."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        metrics = task(cfg)
+    except Exception as e:
+        if not multirun:
+            if isinstance(e, UserError):
+                fail(str(e))
+            raise
+        status = "diverged" if type(e).__name__ == "TrainingDiverged" else "failed"
+        write_status(cfg.paths.output_dir, status, step=getattr(e, "step", None), message=_one_line_error(e))
+        log.error("job %s: %s", status, _one_line_error(e))
+        return math.inf
+    return metrics.get("val/best_loss", math.inf)
+
+
 def run(config_name: str, task, check) -> None:
     """Run `task(cfg)` under `@hydra.main` with one-line errors for anything the user can fix."""
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
-    def _main(cfg: DictConfig):
-        try:
-            return task(cfg)
-        except UserError as e:
-            fail(str(e))
+    def _main(cfg: DictConfig) -> float:
+        return run_task(task, cfg)
 
     try:
         sys.argv = sys.argv[:1] + prepare_argv(config_name, sys.argv[1:], check)

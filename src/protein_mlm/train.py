@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError
 from .module import MaskedLMModule
 from .reporting import print_config_tree, print_summary
+from .sweep import write_status
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["val/unigram_perplexity"] = datamodule.val_unigram_perplexity()
+    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    metrics["val/best_loss"] = float(best) if best is not None else metrics.get("val/loss", math.inf)
     metrics["steps"] = trainer.global_step
     metrics["wall_time_s"] = time.monotonic() - started
+    write_status(run_dir, "completed", **metrics)
     print_summary(metrics, run_dir)
     return metrics

@@ -1,0 +1,155 @@
+"""Multirun sweeps: job status files, job directory names, and the summary table and plot of a sweep.
+
+The summary is rebuilt from what the jobs wrote (their TensorBoard events and status.json), never from
+state kept in memory, so `scripts/summarize_sweep.py` gives the same result for a finished or a partial sweep.
+"""
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from .tblog import read_scalars
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+SWEPT_KEYS_ENV = "PROTEIN_MLM_SWEPT_KEYS"  # set at sweep start, read when each job's dir is named
+COLUMNS = [
+    "job",
+    "overrides",
+    "status",
+    "steps",
+    "final_val_loss",
+    "best_val_loss",
+    "best_val_perplexity",
+    "tokens_per_sec",
+    "wall_time_s",
+    "message",
+]
+
+
+def write_status(run_dir: str | Path, status: str, **fields: Any) -> None:
+    """Record how a run ended (`completed`, `failed`, `diverged`) beside its logs."""
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / STATUS_FILE).write_text(json.dumps({"status": status, **fields}, indent=2, default=str))
+
+
+def swept_keys(overrides: list[str], sweeper_params: dict[str, Any] | None = None) -> list[str]:
+    """Keys a multirun varies: overrides with sweep syntax (a,b / range() / choice()) and sweeper params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return sorted(set(keys) | set(sweeper_params or {}))
+
+
+def job_dir_name(job_overrides: list[str], job_num: int) -> str:
+    """A job's sub-directory: its values of the swept keys (`scheduler.warmup_steps=1000`), file-system safe."""
+    swept = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
+    chosen = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") in swept] if swept else list(job_overrides)
+    name = ",".join(sorted(chosen)).replace("/", "_") or f"job{job_num}"
+    if len(name) > 120:  # stay far below the 255-byte file-name limit; the hash keeps names unique
+        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
+
+
+def _values(scalars: dict, tag: str) -> list[float]:
+    return [v for _, v in scalars.get(tag, [])]
+
+
+def job_row(job_dir: Path, label_keys: list[str] | None = None) -> dict[str, Any]:
+    """One summary row, read back from a job's files."""
+    overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+    if label_keys:
+        overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in label_keys]
+    status_path = job_dir / STATUS_FILE
+    status = json.loads(status_path.read_text()) if status_path.is_file() else {"status": "running or killed"}
+    scalars = read_scalars(job_dir / "tensorboard") if (job_dir / "tensorboard").is_dir() else {}
+    val_loss, val_ppl = _values(scalars, "val/loss"), _values(scalars, "val/perplexity")
+    train_steps = [s for s, _ in scalars.get("train/loss", [])]
+    speed = _values(scalars, "perf/tokens_per_sec")[1:]  # the first step includes warm-up work
+    message = status.get("message", "")
+    if status.get("step") is not None:
+        message = f"step {status['step']}: {message}"
+    return {
+        "job": job_dir.name,
+        "overrides": " ".join(overrides),
+        "status": status["status"],
+        "steps": max(train_steps) + 1 if train_steps else 0,
+        "final_val_loss": val_loss[-1] if val_loss else math.nan,
+        "best_val_loss": min(val_loss) if val_loss else math.nan,
+        "best_val_perplexity": min(val_ppl) if val_ppl else math.nan,
+        "tokens_per_sec": statistics.median(speed) if speed else math.nan,
+        "wall_time_s": status.get("wall_time_s", math.nan),
+        "message": message,
+    }
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return str(value).replace("|", "/")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_format(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(job_dirs: list[Path], labels: list[str], path: Path) -> None:
+    """LR vs step and val/loss vs step of every job, one figure, labelled by overrides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lr, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for job_dir, label in zip(job_dirs, labels):
+        scalars = read_scalars(job_dir / "tensorboard") if (job_dir / "tensorboard").is_dir() else {}
+        for tag, series in scalars.items():
+            if tag.startswith("lr-"):
+                ax_lr.plot(*zip(*series), label=f"{label} ({tag})" if "/" in tag else label)
+        if scalars.get("val/loss"):
+            ax_loss.plot(*zip(*scalars["val/loss"]), marker="o", label=label)
+    ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="LR per step")
+    ax_loss.set(xlabel="optimizer step", ylabel="val/loss", title="validation loss")
+    for ax in (ax_lr, ax_loss):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Write summary.csv, summary.md and summary.png into the sweep dir; return the rows."""
+    sweep_dir = Path(sweep_dir)
+    job_dirs = _job_dirs(sweep_dir)
+    all_overrides = [[str(o) for o in OmegaConf.load(j / ".hydra" / "overrides.yaml")] for j in job_dirs]
+    # Label jobs by the overrides that differ between them (all of them when there is only one job).
+    keys = sorted({o.split("=", 1)[0] for overrides in all_overrides for o in overrides})
+    varying = [k for k in keys if len({tuple(o for o in ov if o.split("=", 1)[0] == k) for ov in all_overrides}) > 1]
+    rows = [job_row(j, varying or None) for j in job_dirs]
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (sweep_dir / "summary.md").write_text(markdown_table(rows))
+    if job_dirs:
+        plot_sweep(job_dirs, [r["overrides"] or r["job"] for r in rows], sweep_dir / "summary.png")
+    return rows

@@ -1,0 +1,81 @@
+"""Multirun sweeps end to end: job dirs named by swept values, per-job LR curves, summary files, failures."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protein_mlm import schedules
+from protein_mlm.sweep import job_dir_name, swept_keys
+from protein_mlm.tblog import read_scalars
+from tests.conftest import ROOT, TINY, run_cli
+
+SWEEP = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))] + [
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+]
+
+
+def sweep_dir_of(cwd: Path) -> Path:
+    (sweep_dir,) = list((cwd / "multirun").glob("*/*"))
+    return sweep_dir
+
+
+def read_summary(sweep_dir: Path) -> dict[str, dict]:
+    with open(sweep_dir / "summary.csv") as f:
+        return {row["overrides"]: row for row in csv.DictReader(f)}
+
+
+def test_warmup_sweep_names_jobs_logs_each_schedule_and_summarises(tmp_path):
+    args = ["-m", *SWEEP, f"paths.cache_dir={tmp_path}/cache", "optimizer.lr=1e-3", "scheduler.warmup_steps=1,2,4"]
+    result = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(tmp_path)
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert jobs == [f"scheduler.warmup_steps={w}" for w in (1, 2, 4)]
+    for warmup in (1, 2, 4):
+        lrs = read_scalars(sweep_dir / f"scheduler.warmup_steps={warmup}" / "tensorboard")["lr-inverse_sqrt"]
+        assert [s for s, _ in lrs] == list(range(6))
+        expected = [1e-3 * schedules.inverse_sqrt(s, warmup_steps=warmup) for s in range(6)]
+        assert [v for _, v in lrs] == pytest.approx(expected, rel=1e-6)
+    rows = read_summary(sweep_dir)
+    assert sorted(rows) == [f"scheduler.warmup_steps={w}" for w in (1, 2, 4)]
+    assert all(
+        r["status"] == "completed" and r["steps"] == "6" and float(r["best_val_loss"]) > 0 for r in rows.values()
+    )
+    assert (sweep_dir / "summary.png").stat().st_size > 10_000
+    assert "| scheduler.warmup_steps=4 |" in (sweep_dir / "summary.md").read_text().replace("| job |", "")
+    assert "Sweep summary" in result.stdout
+
+    # The script rebuilds the same summary from the job files alone.
+    for name in ("summary.csv", "summary.md", "summary.png"):
+        (sweep_dir / name).unlink()
+    script = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "summarize_sweep.py"), str(sweep_dir)], capture_output=True, text=True
+    )
+    assert script.returncode == 0, script.stderr
+    assert read_summary(sweep_dir) == rows and (sweep_dir / "summary.png").is_file()
+
+
+def test_a_diverging_job_does_not_end_the_sweep(tmp_path):
+    args = ["-m", *SWEEP, f"paths.cache_dir={tmp_path}/cache", "faults.inject_nan_at_step=2,100,200"]
+    result = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_summary(sweep_dir_of(tmp_path))
+    assert rows["faults.inject_nan_at_step=2"]["status"] == "diverged"
+    assert rows["faults.inject_nan_at_step=2"]["message"].startswith("step 2:")
+    assert rows["faults.inject_nan_at_step=100"]["status"] == "completed"
+    assert rows["faults.inject_nan_at_step=200"]["status"] == "completed"
+
+
+def test_swept_keys_and_job_names(monkeypatch):
+    overrides = ["scheduler.warmup_steps=1000,4000", "print_config=false", "optimizer.lr=range(1,3)", "+x=choice(1,2)"]
+    assert swept_keys(overrides) == ["optimizer.lr", "scheduler.warmup_steps", "x"]
+    monkeypatch.setenv("PROTEIN_MLM_SWEPT_KEYS", "scheduler.warmup_steps")
+    assert job_dir_name(["print_config=false", "scheduler.warmup_steps=1000"], 0) == "scheduler.warmup_steps=1000"
+    monkeypatch.delenv("PROTEIN_MLM_SWEPT_KEYS")
+    assert job_dir_name(["data.train_path=/a/b.fa"], 3) == "data.train_path=_a_b.fa"
+    long_name = job_dir_name([f"k{i}=value{i}" for i in range(40)], 0)
+    assert len(long_name) <= 120
