@@ -1,6 +1,7 @@
 """Multirun sweeps end to end: job dirs named by swept values, per-job LR curves, summary files, failures."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,42 @@ def test_swept_keys_and_job_names(monkeypatch):
     assert job_dir_name(["data.train_path=/a/b.fa"], 3) == "data.train_path=_a_b.fa"
     long_name = job_dir_name([f"k{i}=value{i}" for i in range(40)], 0)
     assert len(long_name) <= 120
+
+
+def test_optuna_search_reports_the_best_trial(tmp_path):
+    args = [*SWEEP, f"paths.cache_dir={tmp_path}/cache", "hparams_search=optuna", "hydra.sweeper.n_trials=2"]
+    result = run_cli(*args, cwd=tmp_path, timeout=600)  # no -m: the search config sets hydra.mode
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(tmp_path)
+    assert (sweep_dir / "optimization_results.yaml").is_file()
+    rows = read_summary(sweep_dir)
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows.values())
+    best = min(float(r["best_val_loss"]) for r in rows.values())
+    note = (sweep_dir / "summary.md").read_text().split("Best trial: best val/loss ")[1]
+    assert float(note.split()[0]) == pytest.approx(best, rel=1e-5)
+    assert "optimizer.lr=" in note and "Best trial" in result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_launchers(tmp_path, launcher):
+    args = [
+        "-m",
+        *SWEEP,
+        f"paths.cache_dir={tmp_path}/cache",
+        f"hydra/launcher={launcher}",
+        "scheduler.warmup_steps=1,2",
+    ]
+    if launcher == "joblib":
+        args.append("hydra.launcher.n_jobs=2")
+    result = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(tmp_path)
+    rows = read_summary(sweep_dir)
+    assert sorted(rows) == ["scheduler.warmup_steps=1", "scheduler.warmup_steps=2"]
+    assert all(r["status"] == "completed" for r in rows.values())
+    if launcher == "joblib":  # 2 jobs at once share the cores instead of oversubscribing them
+        from omegaconf import OmegaConf
+
+        threads = OmegaConf.load(sweep_dir / "scheduler.warmup_steps=1" / "config.yaml").num_threads
+        assert threads == max(1, (os.cpu_count() or 1) // 2)

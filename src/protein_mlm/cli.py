@@ -17,11 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, UserError
-from .sweep import SWEPT_KEYS_ENV, job_dir_name, markdown_table, swept_keys, write_status, write_summary
+from .sweep import SWEPT_KEYS_ENV, job_dir_name, swept_keys, write_status, write_summary
 
 log = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
@@ -91,6 +91,8 @@ def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
         return argv  # --multirun, --help, --cfg …: Hydra's own modes
     cfg = compose_checked(config_name, argv)
     check(cfg)
+    if cfg.hydra.get("mode") == RunMode.MULTIRUN:  # e.g. hparams_search=optuna: jobs go to the sweep dir
+        return argv
     explicit = any(arg.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for arg in argv)
     run_dir = make_run_dir(cfg.hydra.run.dir, explicit)
     return [a for a in argv if a.split("=", 1)[0].lstrip("+~") != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"]
@@ -109,10 +111,10 @@ class SweepSummaryCallback(Callback):
             self._summarize(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        rows = self._summarize(config.hydra.sweep.dir)
-        if rows is not None:
-            print(f"\nSweep summary ({config.hydra.sweep.dir}/summary.md, summary.csv, summary.png):")
-            print(markdown_table(rows), flush=True)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if self._summarize(sweep_dir) is not None:
+            print(f"\nSweep summary ({sweep_dir}/summary.md, summary.csv, summary.png):")
+            print((sweep_dir / "summary.md").read_text(), flush=True)
 
     @staticmethod
     def _summarize(sweep_dir: str):
@@ -127,10 +129,23 @@ def _one_line_error(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def threads_per_parallel_job(launcher: DictConfig) -> int | None:
+    """CPU threads per job when the joblib launcher runs several at once, so jobs x threads <= cores."""
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return None
+    cores = os.cpu_count() or 1
+    n_jobs = launcher.get("n_jobs") or -1
+    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
+    return max(1, cores // parallel)
+
+
 def run_task(task, cfg: DictConfig) -> float:
     """Run one job. A single run fails loudly (one line for user errors); a multirun job records the failure
     in its status.json and returns +inf, so the sweep goes on and a sweeper can rank it."""
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and cfg.get("num_threads") is None:
+        with open_dict(cfg):
+            cfg.num_threads = threads_per_parallel_job(HydraConfig.get().launcher)
     try:
         metrics = task(cfg)
     except Exception as e:

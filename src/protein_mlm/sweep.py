@@ -110,6 +110,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_trial_note(sweep_dir: Path) -> str:
+    """The search's best trial, from the Optuna sweeper's optimization_results.yaml (empty for a grid sweep)."""
+    path = sweep_dir / "optimization_results.yaml"
+    if not path.is_file():
+        return ""
+    results = OmegaConf.to_container(OmegaConf.load(path))
+    params = " ".join(f"{k}={v}" for k, v in results.get("best_params", {}).items())
+    return f"\nBest trial: best val/loss {results.get('best_value')} with {params}\n"
+
+
 def plot_sweep(job_dirs: list[Path], labels: list[str], path: Path) -> None:
     """LR vs step and val/loss vs step of every job, one figure, labelled by overrides."""
     import matplotlib
@@ -149,7 +159,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "summary.md").write_text(markdown_table(rows))
+    (sweep_dir / "summary.md").write_text(markdown_table(rows) + best_trial_note(sweep_dir))
     if job_dirs:
         plot_sweep(job_dirs, [r["overrides"] or r["job"] for r in rows], sweep_dir / "summary.png")
     return rows

@@ -108,6 +108,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train as the config says; return the final validation metrics."""
     check_config(cfg)
     started = time.monotonic()
+    if cfg.get("num_threads"):
+        torch.set_num_threads(cfg.num_threads)
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
