@@ -38,6 +38,8 @@ def test_lr_is_logged_once_per_optimizer_step_and_equals_the_schedule(tiny_cfg):
     assert metrics["val/perplexity"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
     assert 0 <= metrics["val/accuracy"] <= 1
 
+    assert metrics["lr_audit"] == "ok"
+    assert (run_dir / "lr_schedule.png").stat().st_size > 10_000
     assert (run_dir / "config.yaml").is_file()
     checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert "last.ckpt" in checkpoints and any(name.startswith("best-step") for name in checkpoints)
@@ -90,3 +92,9 @@ def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tiny_c
     last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6  # saved at the validation after step 6, not overwritten
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+
+
+def test_audit_flags_a_scheduler_stepped_per_epoch(tiny_cfg, caplog):
+    metrics, _, _ = run(tiny_cfg("scheduler.interval=epoch"))  # the seed's original mistake
+    assert "11 of 12 logged steps differ from the plan" in metrics["lr_audit"]
+    assert "LR audit" in caplog.text and "scheduler.interval=step" in caplog.text

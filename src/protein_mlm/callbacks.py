@@ -24,7 +24,7 @@ class StepLearningRateMonitor(LearningRateMonitor):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         if batch_idx % trainer.accumulate_grad_batches != 0:
             return
-        stats = self._extract_stats(trainer, "step")
+        stats = self._extract_stats(trainer, "any")  # every scheduler, also one mis-configured per epoch
         step = trainer.fit_loop.epoch_loop._batches_that_stepped  # updates done so far = index of the next
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=step)

@@ -12,9 +12,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
+from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
 from .module import MaskedLMModule
 from .reporting import print_config_tree, print_summary
 from .sweep import write_status
+from .tblog import read_scalars
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,32 @@ def build_module(cfg: DictConfig) -> MaskedLMModule:
     )
 
 
+def schedule_label(cfg: DictConfig) -> str:
+    keys = ("warmup_steps", "final_lr_ratio", "decay_end_fraction", "timescale", "power")
+    details = ", ".join(f"{k}={cfg.scheduler[k]}" for k in keys if cfg.scheduler.get(k) is not None)
+    return f"{cfg.scheduler.name}: peak {cfg.optimizer.lr:g}, {details}, max_steps={cfg.trainer.max_steps}"
+
+
+def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
+    """Compare the LR logged at every step with the planned curve; warn when they differ."""
+    tb_dir = run_dir / "tensorboard"
+    scalars = read_scalars(tb_dir) if tb_dir.is_dir() else {}
+    tags = [t for t in scalars if t == cfg.scheduler.name or t.startswith(f"{cfg.scheduler.name}/")]
+    if not tags:
+        return "skipped (no LR logged to TensorBoard)"
+    planned = planned_lrs(schedule, cfg.optimizer.lr, steps_done)
+    problem = audit_logged_lrs(scalars[tags[0]], planned)
+    if problem is None:
+        return "ok"
+    log.warning(
+        "LR audit: the logged LR does not follow the planned schedule (%s); is the scheduler stepped per "
+        "optimizer step (scheduler.interval=step)? See %s/lr_schedule.png",
+        problem,
+        run_dir,
+    )
+    return problem
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as the config says; return the final validation metrics."""
     check_config(cfg)
@@ -123,6 +151,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
+    plot_lr_curves(
+        [(schedule_label(cfg), module.schedule, cfg.optimizer.lr, cfg.trainer.max_steps)],
+        run_dir / "lr_schedule.png",
+        title="planned learning rate",
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -131,6 +164,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["val/best_loss"] = float(best) if best is not None else metrics.get("val/loss", math.inf)
     metrics["steps"] = trainer.global_step
     metrics["wall_time_s"] = time.monotonic() - started
+    metrics["lr_audit"] = audit_run(cfg, module.schedule, run_dir, trainer.global_step)
     write_status(run_dir, "completed", **metrics)
     print_summary(metrics, run_dir)
     return metrics

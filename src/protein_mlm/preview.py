@@ -1,0 +1,35 @@
+"""`scripts/plot_schedule.py`: plot the LR curve a config plans, from the same Hydra config and schedule code
+as training; multirun-style lists (scheduler=inverse_sqrt,linear) give one curve per combination."""
+
+import itertools
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from .cli import compose_checked
+from .lr_plan import plot_lr_curves
+from .train import build_schedule, schedule_label
+
+
+def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
+    """Every combination of a multirun-style override list, and the keys that vary (as Hydra's basic sweeper)."""
+    options, swept = [], []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            options.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+            swept.append(key)
+        else:
+            options.append([f"{key}={override.get_value_element_as_str()}"])
+    return [list(combo) for combo in itertools.product(*options)], swept
+
+
+def preview(overrides: list[str], out: str | Path) -> tuple[list[tuple], object]:
+    """Compose each combination, build its schedule, plot all of them into `out`; return the curves and figure."""
+    combos, swept = expand_sweep(overrides)
+    curves = []
+    for combo in combos:
+        cfg = compose_checked("train", combo)
+        label = " ".join(o for o in combo if o.split("=", 1)[0] in swept) or schedule_label(cfg)
+        curves.append((label, build_schedule(cfg), cfg.optimizer.lr, cfg.trainer.max_steps))
+    return curves, plot_lr_curves(curves, out, title="planned learning rate")
