@@ -179,3 +179,10 @@ def train_main() -> None:
     from .train import check_config, train
 
     run("train", train, check_config)
+
+
+def eval_main() -> None:
+    """Entry point of `python eval.py` and the `protein-mlm-eval` console script."""
+    from .evaluate import check_eval_config, evaluate
+
+    run("eval", evaluate, check_eval_config)

@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
 from .masking import IGNORE_INDEX
+from .checkpoint import load_pretrained_into
 from .model import build_model
 from .schedules import lambda_scheduler
 from .tokenizer import PAD_ID
@@ -43,11 +44,14 @@ class MaskedLMModule(pl.LightningModule):
         no_decay_bias_and_norm: bool = False,
         run_config: dict[str, Any] | None = None,
         inject_nan_at_step: int | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
         # Only plain containers go into the checkpoint, so it loads with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optimizer", "schedule"])
         self.model = build_model(architecture)
+        if init_from:  # continue pretraining from a Hugging Face ESM directory (e.g. an export)
+            load_pretrained_into(self.model, init_from)
         self.optimizer_factory = optimizer
         self.schedule = schedule
         self.val_loss_sum, self.val_targets, self.val_correct = SumMetric(), SumMetric(), SumMetric()

@@ -65,6 +65,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} is negative; use 0 or more")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file")
+    init_from = cfg.model.get("init_from")
+    if init_from and not (Path(init_from) / "config.json").is_file():
+        raise ConfigError(f"model.init_from={init_from} holds no config.json; pass a local Hugging Face ESM directory")
     for key in ("train_path", "val_path"):
         path = cfg.data.get(key)
         if path and not Path(path).is_file():
@@ -103,6 +106,7 @@ def build_module(cfg: DictConfig) -> MaskedLMModule:
         no_decay_bias_and_norm=no_decay,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         inject_nan_at_step=cfg.faults.inject_nan_at_step,
+        init_from=cfg.model.get("init_from"),
     )
 
 

@@ -1,0 +1,81 @@
+"""Load training checkpoints safely (weights_only) and move weights to and from Hugging Face directories."""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import EsmForMaskedLM
+
+from .errors import ConfigError
+from .model import build_model
+from .tokenizer import load_tokenizer
+
+ARCHITECTURE_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "position_embedding_type",
+    "emb_layer_norm_before",
+    "vocab_size",
+)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A .ckpt file as given, or for a run dir its best checkpoint by val/loss (else last.ckpt)."""
+    path = Path(path)
+    if path.is_dir():
+        best = sorted((path / "checkpoints").glob("best-*.ckpt"))
+        path = best[-1] if best else path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist; pass a .ckpt file or a run dir with checkpoints/")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """torch.load with weights_only=True: plain containers and tensors only, never arbitrary objects."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(f"cannot load checkpoint {path} ({reason}); is it a complete protein-mlm .ckpt?") from None
+    if "state_dict" not in checkpoint or "architecture" not in checkpoint.get("hyper_parameters", {}):
+        raise ConfigError(f"{path} is not a protein-mlm checkpoint (no state_dict/architecture); pass one from a run")
+    return checkpoint
+
+
+def model_from_checkpoint(path: str | Path) -> EsmForMaskedLM:
+    """The EsmForMaskedLM a training checkpoint holds."""
+    checkpoint = load_checkpoint(path)
+    model = build_model(checkpoint["hyper_parameters"]["architecture"])
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model
+
+
+def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
+    """Write a Hugging Face model directory (model + tokenizer) that from_pretrained loads offline."""
+    out_dir = Path(out_dir)
+    model = model_from_checkpoint(resolve_checkpoint(checkpoint_path))
+    model.save_pretrained(out_dir)
+    load_tokenizer().save_pretrained(out_dir)
+    return out_dir
+
+
+def load_pretrained_into(model: EsmForMaskedLM, directory: str | Path) -> None:
+    """Copy the weights of a local Hugging Face ESM directory into `model`; the architectures must match."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"model.init_from={directory} holds no config.json; pass a local Hugging Face ESM directory")
+    pretrained = EsmForMaskedLM.from_pretrained(directory, local_files_only=True)
+    differing = [
+        f"{field}: {getattr(pretrained.config, field)} there, {getattr(model.config, field)} here"
+        for field in ARCHITECTURE_FIELDS
+        if getattr(pretrained.config, field) != getattr(model.config, field)
+    ]
+    if differing:
+        raise ConfigError(
+            f"model.init_from={directory} has another architecture ({'; '.join(differing)}); "
+            "choose the matching model= preset"
+        )
+    model.load_state_dict(pretrained.state_dict())

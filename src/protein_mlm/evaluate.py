@@ -1,0 +1,82 @@
+"""`evaluate(cfg)`: masked-LM loss, perplexity and accuracy of a checkpoint on any FASTA, with fixed masks."""
+
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_checkpoint, resolve_checkpoint
+from .data import FEATURES, MaskedSequenceDataset, TokenBudgetBatchSampler, residue_lengths, unigram_perplexity
+from .errors import ConfigError
+from .fasta import read_fasta
+from .masking import collate
+from .module import MaskedLMModule
+from .tokenizer import encode_residues
+
+log = logging.getLogger(__name__)
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("no checkpoint given; pass ckpt_path=<file.ckpt or run dir>")
+    resolve_checkpoint(cfg.ckpt_path)
+    if not cfg.data.get("val_path"):
+        raise ConfigError("no FASTA given; pass data.val_path=<file.fasta[.gz]>")
+    if not Path(cfg.data.val_path).is_file():
+        raise ConfigError(f"data.val_path={cfg.data.val_path} does not exist; pass the path of a FASTA file")
+
+
+def fasta_dataset(path: str | Path) -> datasets.Dataset:
+    """Every non-empty record of a FASTA, in file order (no dedup: the file is evaluated as it is)."""
+    ids = [encode_residues(residues) for _, residues in read_fasta(path) if residues]
+    return datasets.Dataset.from_dict({"input_ids": ids}, features=FEATURES)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate, write eval.json into the run dir, print one line, return the numbers."""
+    check_eval_config(cfg)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path)
+    module = MaskedLMModule(architecture=checkpoint["hyper_parameters"]["architecture"])
+    module.load_state_dict(checkpoint["state_dict"])
+
+    sequences = fasta_dataset(cfg.data.val_path)
+    dataset = MaskedSequenceDataset(sequences, cfg.data.max_length, cfg.data.seed, cfg.data.mask_prob)
+    lengths = (residue_lengths(sequences).clip(max=cfg.data.max_length - 2) + 2).astype(int)
+    # Epoch 0 and a fixed order: the same crops and masks, so the same numbers, on every call.
+    sampler = TokenBudgetBatchSampler(lengths, cfg.data.max_tokens, cfg.data.seed, shuffle=False, fixed=True)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    trainer = pl.Trainer(
+        accelerator=cfg.accelerator,
+        devices=1,
+        precision=cfg.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    (results,) = trainer.validate(module, dataloaders=loader, verbose=False)
+    report = {
+        "checkpoint": str(ckpt_path),
+        "data": str(cfg.data.val_path),
+        "sequences": len(sequences),
+        "loss": results["val/loss"],
+        "perplexity": results["val/perplexity"],
+        "accuracy": results["val/accuracy"],
+        "unigram_perplexity": unigram_perplexity(sequences),
+        "mask_seed": cfg.data.seed,
+    }
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"Eval: {report['sequences']} sequences, loss {report['loss']:.4f}, perplexity {report['perplexity']:.3f} "
+        f"(amino-acid unigram perplexity {report['unigram_perplexity']:.3f}), accuracy {report['accuracy']:.4f}; "
+        f"wrote {out / 'eval.json'}",
+        flush=True,
+    )
+    return report
