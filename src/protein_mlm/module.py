@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
-from .masking import IGNORE_INDEX
 from .checkpoint import load_pretrained_into
+from .masking import IGNORE_INDEX
 from .model import build_model
 from .schedules import lambda_scheduler
 from .tokenizer import PAD_ID
