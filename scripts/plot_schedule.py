@@ -3,6 +3,8 @@
 Usage:
   python scripts/plot_schedule.py scheduler=inverse_sqrt scheduler.warmup_steps=16000 trainer.max_steps=500000
   python scripts/plot_schedule.py scheduler=inverse_sqrt,linear scheduler.warmup_steps=2000 --out lr.png
+  python scripts/plot_schedule.py scheduler=inverse_sqrt scheduler.warmup_steps=16000 trainer.max_steps=500000 \
+      --also "scheduler=linear scheduler.warmup_steps=2000 trainer.max_steps=500000 scheduler.final_lr_ratio=0.1"
 """
 
 import argparse
@@ -16,9 +18,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (a,b lists allowed)")
     parser.add_argument("--out", default="lr_schedule.png", help="PNG to write (default: lr_schedule.png)")
+    parser.add_argument("--also", action="append", default=[], help="another override list, as one string")
     args = parser.parse_args()
     try:
-        curves, _ = preview(args.overrides, args.out)
+        curves, _ = preview(args.overrides, *(group.split() for group in args.also), out=args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -20,7 +20,7 @@ def test_expand_sweep_gives_every_combination():
 def test_plotted_points_equal_the_schedule_functions(tmp_path):
     out = tmp_path / "lr.png"
     overrides = ["scheduler=inverse_sqrt,linear", "scheduler.warmup_steps=100", "trainer.max_steps=10000"]
-    curves, figure = preview(overrides, out)
+    curves, figure = preview(overrides, out=out)
     assert out.stat().st_size > 10_000
     lines = figure.axes[0].lines
     assert [line.get_label() for line in lines] == ["scheduler=inverse_sqrt", "scheduler=linear"]
@@ -41,6 +41,12 @@ def test_script_writes_the_png_and_rejects_bad_config(tmp_path):
     ok = subprocess.run([*args, f"--out={tmp_path}/x.png"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "x.png").is_file() and "step 499999" in ok.stdout
+    two = subprocess.run(
+        [*args, f"--out={tmp_path}/y.png", "--also", "scheduler=linear trainer.max_steps=100"],
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0 and "lr-inverse_sqrt" in two.stdout and "lr-linear" in two.stdout
     bad = subprocess.run([*args, "scheduler.warmup_steps=-1"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 

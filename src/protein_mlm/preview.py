@@ -24,12 +24,14 @@ def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
     return [list(combo) for combo in itertools.product(*options)], swept
 
 
-def preview(overrides: list[str], out: str | Path) -> tuple[list[tuple], object]:
-    """Compose each combination, build its schedule, plot all of them into `out`; return the curves and figure."""
-    combos, swept = expand_sweep(overrides)
+def preview(*override_groups: list[str], out: str | Path) -> tuple[list[tuple], object]:
+    """Compose every combination of every group, build its schedule, plot all into `out`; return curves, figure."""
     curves = []
-    for combo in combos:
-        cfg = compose_checked("train", combo)
-        label = " ".join(o for o in combo if o.split("=", 1)[0] in swept) or schedule_label(cfg)
-        curves.append((label, build_schedule(cfg), cfg.optimizer.lr, cfg.trainer.max_steps))
+    for overrides in override_groups:
+        combos, swept = expand_sweep(overrides)
+        for combo in combos:
+            cfg = compose_checked("train", combo)
+            swept_values = " ".join(o for o in combo if o.split("=", 1)[0] in swept)
+            label = swept_values if swept_values and len(override_groups) == 1 else schedule_label(cfg)
+            curves.append((label, build_schedule(cfg), cfg.optimizer.lr, cfg.trainer.max_steps))
     return curves, plot_lr_curves(curves, out, title="planned learning rate")
