@@ -90,3 +90,9 @@ def test_a_good_run_ends_with_a_summary_line(tmp_path):
 def test_divergence_ends_a_single_run_with_one_line(tmp_path):
     result = run_cli(*QUICK, "faults.inject_nan_at_step=1", f"paths.cache_dir={tmp_path}/cache", cwd=tmp_path)
     assert_user_error(result, "training diverged at step 1", "gradient norm is nan")
+
+
+def test_a_typo_in_a_sweep_fails_once_in_one_line(tmp_path):
+    result = run_cli("-m", "scheduler.warmup_steps=10,20", "optimizer.lrr=1e-3", cwd=tmp_path)
+    assert_user_error(result, "optimizer.lrr")
+    assert not (tmp_path / "multirun").exists()

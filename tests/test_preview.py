@@ -7,7 +7,8 @@ import pytest
 
 from protein_mlm import schedules
 from protein_mlm.lr_plan import audit_logged_lrs, plotted_steps
-from protein_mlm.preview import expand_sweep, preview
+from protein_mlm.preview import preview
+from protein_mlm.sweep import expand_sweep
 from tests.conftest import ROOT
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, UserError
-from .sweep import SWEPT_KEYS_ENV, job_dir_name, swept_keys, write_status, write_summary
+from .sweep import SWEPT_KEYS_ENV, expand_sweep, job_dir_name, swept_keys, write_status, write_summary
 
 log = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
@@ -85,10 +85,24 @@ def make_run_dir(requested: str, explicit: bool) -> str:
     raise ConfigError(f"too many runs named {base}-N; choose another hydra.run.dir")
 
 
+def check_sweep(config_name: str, overrides: list[str], check) -> None:
+    """Compose and check every job of a grid sweep first, so a typo fails in one line, not in every job."""
+    try:
+        combos, _ = expand_sweep(overrides)
+    except Exception:  # interval/range sweeps of search sweepers: leave them to Hydra
+        return
+    for combo in combos:
+        check(compose_checked(config_name, combo))
+
+
 def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
     """Check a single run's overrides and pin its (unique, created) run dir; leave flags to Hydra."""
-    if any(arg.startswith("-") for arg in argv):
-        return argv  # --multirun, --help, --cfg …: Hydra's own modes
+    flags = [arg for arg in argv if arg.startswith("-")]
+    if flags and set(flags) <= {"-m", "--multirun"}:
+        check_sweep(config_name, [arg for arg in argv if arg not in flags], check)
+        return argv
+    if flags:
+        return argv  # --help, --cfg, --info …: Hydra's own modes
     cfg = compose_checked(config_name, argv)
     check(cfg)
     if cfg.hydra.get("mode") == RunMode.MULTIRUN:  # e.g. hparams_search=optuna: jobs go to the sweep dir

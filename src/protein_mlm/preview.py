@@ -1,27 +1,12 @@
 """`scripts/plot_schedule.py`: plot the LR curve a config plans, from the same Hydra config and schedule code
 as training; multirun-style lists (scheduler=inverse_sqrt,linear) give one curve per combination."""
 
-import itertools
 from pathlib import Path
-
-from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from .cli import compose_checked
 from .lr_plan import plot_lr_curves
+from .sweep import expand_sweep
 from .train import build_schedule, schedule_label
-
-
-def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
-    """Every combination of a multirun-style override list, and the keys that vary (as Hydra's basic sweeper)."""
-    options, swept = [], []
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.get_key_element()
-        if override.is_sweep_override():
-            options.append([f"{key}={value}" for value in override.sweep_string_iterator()])
-            swept.append(key)
-        else:
-            options.append([f"{key}={override.get_value_element_as_str()}"])
-    return [list(combo) for combo in itertools.product(*options)], swept
 
 
 def preview(*override_groups: list[str], out: str | Path) -> tuple[list[tuple], object]:

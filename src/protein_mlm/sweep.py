@@ -6,6 +6,7 @@ state kept in memory, so `scripts/summarize_sweep.py` gives the same result for 
 
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -50,6 +51,21 @@ def swept_keys(overrides: list[str], sweeper_params: dict[str, Any] | None = Non
     parsed = OverridesParser.create().parse_overrides(overrides)
     keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
     return sorted(set(keys) | set(sweeper_params or {}))
+
+
+def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
+    """Every combination of a multirun-style override list, and the keys that vary (as Hydra's basic sweeper)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    options, swept = [], []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            options.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+            swept.append(key)
+        else:
+            options.append([f"{key}={override.get_value_element_as_str()}"])
+    return [list(combo) for combo in itertools.product(*options)], swept
 
 
 def job_dir_name(job_overrides: list[str], job_num: int) -> str:
