@@ -4,7 +4,7 @@ nothing written over an earlier run."""
 import pytest
 
 from protein_mlm.cli import make_run_dir
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, compose_config, run_cli
 
 QUICK = [o for o in TINY if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=2"]
 
@@ -96,3 +96,16 @@ def test_a_typo_in_a_sweep_fails_once_in_one_line(tmp_path):
     result = run_cli("-m", "scheduler.warmup_steps=10,20", "optimizer.lrr=1e-3", cwd=tmp_path)
     assert_user_error(result, "optimizer.lrr")
     assert not (tmp_path / "multirun").exists()
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    import torch
+
+    (tmp_path / "bad.ckpt").write_bytes(b"\x80\x02 not a checkpoint")
+    assert_user_error(run_cli("model=tiny", "ckpt_path=bad.ckpt", cwd=tmp_path), "cannot load checkpoint bad.ckpt")
+    architecture = dict(compose_config("model=tiny").model.architecture, hidden_size=64)
+    torch.save({"state_dict": {}, "hyper_parameters": {"architecture": architecture}}, tmp_path / "other.ckpt")
+    result = run_cli("model=tiny", "ckpt_path=other.ckpt", cwd=tmp_path)
+    assert_user_error(result, "holds another model", "hidden_size: 64 in the checkpoint, 32 requested")
+    assert_user_error(run_cli(f"resume={tmp_path}", cwd=tmp_path), "is not a run dir with checkpoints/last.ckpt")
+    assert not (tmp_path / "outputs").exists()

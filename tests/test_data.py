@@ -79,6 +79,12 @@ def test_dedup_and_hash_split_are_deterministic_and_order_free(tmp_path):
     assert not any(is_val_sequence(decode(r), 0.1) for r in splits_f["train"]["input_ids"])
 
 
+def test_empty_records_are_skipped_and_counted(tmp_path):
+    fasta = write(tmp_path, "e.fasta", b">a\nMKT\n>empty\n>b\nGGA\n")
+    _, stats = build_splits(fasta, write(tmp_path, "v.fasta", b">v\nWW\n"), 0.5)
+    assert (stats.empty_removed, stats.train_sequences) == (1, 2)
+
+
 def test_separate_val_file_is_removed_from_train(tmp_path):
     train = write(tmp_path, "t.fasta", b">a\nMKT\n>b\nGGA\n>c\nWWW\n")
     val = write(tmp_path, "v.fasta", b">x\nGGA\n")

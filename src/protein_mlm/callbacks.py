@@ -1,11 +1,15 @@
 """Lightning callbacks: per-step LR, validation at the last step, divergence guard, progress bar."""
 
 import math
+import os
+import signal
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .errors import UserError
 
@@ -66,6 +70,25 @@ class TrainingDiverged(UserError):
         )
 
 
+class Preempted(UserError):
+    """The run was stopped by SIGTERM (e.g. a preempted or timed-out cluster job) after saving a checkpoint."""
+
+
+class SaveOnPreemption(pl.Callback):
+    """On SIGTERM (SLURM sends it before the time limit), save `last.ckpt`, then let the run stop.
+
+    Lightning alone stops on SIGTERM but saves nothing; it raises SIGTERMException after the current batch,
+    which reaches this hook with the model, optimizer, scheduler and data position intact.
+    """
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+
 class DivergenceGuard(pl.Callback):
     """Stop at the first non-finite loss or gradient norm, or after `patience` steps with loss > `max_loss`.
 
@@ -94,3 +117,14 @@ class DivergenceGuard(pl.Callback):
         self._steps_above = self._steps_above + 1 if loss > self.max_loss else 0
         if self._steps_above >= self.patience:
             raise TrainingDiverged(step, f"loss above {self.max_loss} for {self.patience} batches (now {loss:.3g})")
+
+
+class FaultInjector(pl.Callback):
+    """Tests only: kill this process with SIGKILL (no cleanup, as a crash) when a given step starts."""
+
+    def __init__(self, kill_at_step: int | None = None):
+        self.kill_at_step = kill_at_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self.kill_at_step is not None and trainer.global_step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)

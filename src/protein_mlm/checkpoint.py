@@ -1,9 +1,11 @@
 """Load training checkpoints safely (weights_only) and move weights to and from Hugging Face directories."""
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from transformers import EsmForMaskedLM
 
 from .errors import ConfigError
@@ -79,3 +81,22 @@ def load_pretrained_into(model: EsmForMaskedLM, directory: str | Path) -> None:
             "choose the matching model= preset"
         )
     model.load_state_dict(pretrained.state_dict())
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file beside it, fsync, then rename over the target.
+
+    A rename within one directory is atomic, so a crash (even kill -9) at any moment leaves either the
+    previous complete checkpoint or the new one, never a half-written file. (Lightning's own write goes
+    through a temporary file in the system temp dir and a move, which is a copy across file systems.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)

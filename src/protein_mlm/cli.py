@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,34 @@ def make_run_dir(requested: str, explicit: bool) -> str:
     raise ConfigError(f"too many runs named {base}-N; choose another hydra.run.dir")
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """`resume=<run dir>`: that run's overrides, then the new ones, continuing from its last.ckpt in the same
+    dir (so the same TensorBoard run); Hydra writes this invocation's config to .hydra/resume-<time>/."""
+    run_dir = Path(next(a for a in reversed(argv) if _key(a) == "resume").split("=", 1)[1])
+    last = run_dir / "checkpoints" / "last.ckpt"
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    if not last.is_file() or not overrides_file.is_file():
+        raise ConfigError(
+            f"resume={run_dir} is not a run dir with checkpoints/last.ckpt and .hydra/overrides.yaml; "
+            "pass the dir of a train.py run that saved a checkpoint (or use ckpt_path=<file>)"
+        )
+    pinned = {"resume", "ckpt_path", "hydra.run.dir", "hydra.output_subdir"}
+    original = [str(o) for o in OmegaConf.load(overrides_file) if _key(str(o)) not in pinned]
+    new = [a for a in argv if _key(a) not in pinned]
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return [
+        *original,
+        *new,
+        f"ckpt_path={last}",
+        f"hydra.run.dir={run_dir}",
+        f"hydra.output_subdir=.hydra/resume-{stamp}",
+    ]
+
+
 def check_sweep(config_name: str, overrides: list[str], check) -> None:
     """Compose and check every job of a grid sweep first, so a typo fails in one line, not in every job."""
     try:
@@ -103,13 +132,17 @@ def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
         return argv
     if flags:
         return argv  # --help, --cfg, --info …: Hydra's own modes
+    if any(_key(arg) == "resume" for arg in argv):
+        argv = resume_argv(argv)
+        check(compose_checked(config_name, argv))
+        return argv
     cfg = compose_checked(config_name, argv)
     check(cfg)
     if cfg.hydra.get("mode") == RunMode.MULTIRUN:  # e.g. hparams_search=optuna: jobs go to the sweep dir
         return argv
-    explicit = any(arg.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for arg in argv)
+    explicit = any(_key(arg) == "hydra.run.dir" for arg in argv)
     run_dir = make_run_dir(cfg.hydra.run.dir, explicit)
-    return [a for a in argv if a.split("=", 1)[0].lstrip("+~") != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"]
+    return [a for a in argv if _key(a) != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"]
 
 
 class SweepSummaryCallback(Callback):

@@ -165,6 +165,7 @@ class EpochSampler(Sampler):
         self.num_samples, self.seed, self.shuffle, self.fixed = num_samples, seed, shuffle, fixed
         self.order = np.arange(num_samples) if order is None else np.asarray(order)
         self.epoch = 0
+        self.resume: tuple[int, int] | None = None  # (epoch, samples already served in it)
 
     def set_epoch(self, epoch: int) -> None:
         if not self.fixed:
@@ -178,6 +179,8 @@ class EpochSampler(Sampler):
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = order[torch.randperm(self.num_samples, generator=generator).numpy()]
+        if self.resume and self.resume[0] == self.epoch:  # continue mid-epoch after a restart
+            order, self.resume = order[self.resume[1] :], None
         for index in order:
             yield self.epoch, int(index)
 
@@ -199,6 +202,7 @@ class TokenBudgetBatchSampler(Sampler):
         self.lengths, self.max_tokens, self.seed = np.asarray(lengths), max_tokens, seed
         self.shuffle, self.fixed, self.epoch = shuffle, fixed, 0
         self._cache: tuple[int, list[np.ndarray]] | None = None
+        self.resume: tuple[int, int] | None = None  # (epoch, batches already served in it)
 
     def set_epoch(self, epoch: int) -> None:
         if not self.fixed:
@@ -226,7 +230,10 @@ class TokenBudgetBatchSampler(Sampler):
 
     def __iter__(self):
         epoch = self.epoch
-        for batch in self.batches(epoch):
+        batches = self.batches(epoch)
+        if self.resume and self.resume[0] == epoch:  # continue mid-epoch after a restart
+            batches, self.resume = batches[self.resume[1] :], None
+        for batch in batches:
             yield [(epoch, int(i)) for i in batch]
 
 
@@ -267,10 +274,22 @@ class ProteinDataModule(pl.LightningDataModule):
         self.cache_dir, self.pin_memory = Path(cache_dir), pin_memory
         self.splits: dict[str, datasets.Dataset] | None = None
         self.stats: SplitStats | None = None
+        self._resume: dict[str, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits, self.stats = load_splits(self.train_path, self.val_path, self.val_fraction, self.cache_dir)
+            if self.stats.empty_removed:
+                log.warning("skipped %d FASTA records with an empty sequence", self.stats.empty_removed)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training data stands (saved in every checkpoint): epoch and batches consumed in it."""
+        batches_done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches": batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """On resume, the next train loader skips the batches of the interrupted epoch already trained on."""
+        self._resume = dict(state)
 
     def val_unigram_perplexity(self) -> float:
         self.setup()
@@ -289,12 +308,17 @@ class ProteinDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+        resume, self._resume = (self._resume, None) if shuffle else (None, self._resume)
         if self.max_tokens is not None:
             sampler = TokenBudgetBatchSampler(lengths, self.max_tokens, self.seed, shuffle=shuffle, fixed=not shuffle)
+            if resume:
+                sampler.resume = (resume["epoch"], resume["batches"])
             return DataLoader(dataset, batch_sampler=sampler, **common)
         # Validation in length order, so its batches carry little padding.
         order = None if shuffle else np.argsort(lengths, kind="stable")
         sampler = EpochSampler(len(lengths), self.seed, shuffle=shuffle, order=order, fixed=not shuffle)
+        if resume:
+            sampler.resume = (resume["epoch"], resume["batches"] * self.batch_size)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:

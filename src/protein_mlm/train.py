@@ -10,7 +10,10 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from .callbacks import Preempted
+from .checkpoint import load_checkpoint
 from .errors import ConfigError
 from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
 from .module import MaskedLMModule
@@ -63,8 +66,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0; e.g. trainer.max_steps=1000")
     if cfg.scheduler.get("warmup_steps", 0) < 0:
         raise ConfigError(f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} is negative; use 0 or more")
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file")
+    if cfg.get("ckpt_path"):
+        check_checkpoint_matches(cfg)
     init_from = cfg.model.get("init_from")
     if init_from and not (Path(init_from) / "config.json").is_file():
         raise ConfigError(f"model.init_from={init_from} holds no config.json; pass a local Hugging Face ESM directory")
@@ -78,6 +81,24 @@ def check_config(cfg: DictConfig) -> None:
             "scheduler.warmup_steps=%s exceeds trainer.max_steps=%s: the LR never reaches optimizer.lr",
             cfg.scheduler.warmup_steps,
             cfg.trainer.max_steps,
+        )
+
+
+def check_checkpoint_matches(cfg: DictConfig) -> None:
+    """The checkpoint to continue from must load safely and hold the requested architecture."""
+    if not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file")
+    saved = load_checkpoint(cfg.ckpt_path)["hyper_parameters"]["architecture"]
+    wanted = OmegaConf.to_container(cfg.model.architecture, resolve=True)
+    differing = [
+        f"{k}: {saved.get(k)} in the checkpoint, {wanted.get(k)} requested"
+        for k in sorted(set(saved) | set(wanted))
+        if saved.get(k) != wanted.get(k)
+    ]
+    if differing:
+        raise ConfigError(
+            f"checkpoint {cfg.ckpt_path} holds another model ({'; '.join(differing)}); "
+            "pick the model= preset it was trained with"
         )
 
 
@@ -108,6 +129,15 @@ def build_module(cfg: DictConfig) -> MaskedLMModule:
         inject_nan_at_step=cfg.faults.inject_nan_at_step,
         init_from=cfg.model.get("init_from"),
     )
+
+
+def unused_path(path: Path) -> Path:
+    """`path`, or `<stem>-resume-N<suffix>` when it exists already."""
+    n = 0
+    while path.exists():
+        n += 1
+        path = path.with_name(f"{path.stem.split('-resume-')[0]}-resume-{n}{path.suffix}")
+    return path
 
 
 def schedule_label(cfg: DictConfig) -> str:
@@ -145,7 +175,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    OmegaConf.save(cfg, unused_path(run_dir / "config.yaml"), resolve=True)  # a resume keeps the original
     if cfg.get("print_config", True):
         print_config_tree(cfg)
 
@@ -160,7 +190,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run_dir / "lr_schedule.png",
         title="planned learning rate",
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:
+        raise Preempted(
+            f"stopped by SIGTERM after step {trainer.global_step}; saved checkpoints/last.ckpt; "
+            f"continue with resume={run_dir}"
+        ) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["val/unigram_perplexity"] = datamodule.val_unigram_perplexity()
