@@ -33,9 +33,14 @@ def assert_user_error(result, *fragments):
     ],
 )
 def test_bad_config_is_rejected_before_anything_runs(tmp_path, overrides, fragments):
+    earlier = tmp_path / "outputs" / "2020-01-01" / "00-00-00"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
     result = run_cli(*overrides, cwd=tmp_path)
     assert_user_error(result, *fragments)
-    assert not (tmp_path / "outputs").exists()  # rejected before a run dir was made
+    # Rejected before a run dir was made; the earlier run is byte-identical.
+    assert [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()] == [earlier / "checkpoints" / "last.ckpt"]
+    assert (earlier / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run's checkpoint"
 
 
 def test_run_dir_that_cannot_be_created(tmp_path):

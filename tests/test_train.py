@@ -98,3 +98,29 @@ def test_audit_flags_a_scheduler_stepped_per_epoch(tiny_cfg, caplog):
     metrics, _, _ = run(tiny_cfg("scheduler.interval=epoch"))  # the seed's original mistake
     assert "11 of 12 logged steps differ from the plan" in metrics["lr_audit"]
     assert "LR audit" in caplog.text and "scheduler.interval=step" in caplog.text
+
+
+def test_training_and_evaluation_make_no_network_call(tiny_cfg, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network call: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    cfg = tiny_cfg("trainer.max_steps=3", "trainer.val_check_interval=3")
+    assert train(cfg)["steps"] == 3
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from protein_mlm.evaluate import evaluate
+    from tests.conftest import CONFIG_DIR
+
+    fasta = Path(cfg.paths.output_dir).parent / "x.fasta"
+    fasta.write_text(">a\nMKTAYIAKQRQISFVKSHFSRQ\n")
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        eval_cfg = compose("eval", overrides=[f"ckpt_path={cfg.paths.output_dir}", f"data.val_path={fasta}"])
+    with open_dict(eval_cfg):
+        eval_cfg.paths.output_dir = str(fasta.parent / "eval")
+    assert evaluate(eval_cfg)["sequences"] == 1
