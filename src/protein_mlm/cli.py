@@ -50,10 +50,11 @@ def fail(message: str) -> None:
     raise SystemExit(EXIT_USER_ERROR)
 
 
-def _one_line(error: Exception) -> str:
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line, without OmegaConf's key/type trailer lines."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "Set the environment"))]
-    return " ".join(lines)
+    return " ".join(lines) or type(error).__name__
 
 
 def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
@@ -172,10 +173,6 @@ class SweepSummaryCallback(Callback):
             return None
 
 
-def _one_line_error(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def threads_per_parallel_job(launcher: DictConfig) -> int | None:
     """CPU threads per job when the joblib launcher runs several at once, so jobs x threads <= cores."""
     if "joblib" not in str(launcher.get("_target_", "")):
@@ -201,8 +198,8 @@ def run_task(task, cfg: DictConfig) -> float:
                 fail(str(e))
             raise
         status = "diverged" if type(e).__name__ == "TrainingDiverged" else "failed"
-        write_status(cfg.paths.output_dir, status, step=getattr(e, "step", None), message=_one_line_error(e))
-        log.error("job %s: %s", status, _one_line_error(e))
+        write_status(cfg.paths.output_dir, status, step=getattr(e, "step", None), message=_one_line(e))
+        log.error("job %s: %s", status, _one_line(e))
         return math.inf
     return metrics.get("val/best_loss", math.inf)
 
