@@ -7,17 +7,11 @@ import numpy as np
 import pytest
 
 from protein_mlm import data
-from protein_mlm.data import (
-    EpochSampler,
-    ProteinDataModule,
-    TokenBudgetBatchSampler,
-    build_splits,
-    is_val_sequence,
-    load_splits,
-)
+from protein_mlm.data import ProteinDataModule, build_splits, is_val_sequence, load_splits
 from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.fasta import read_fasta
 from protein_mlm.masking import IGNORE_INDEX
+from protein_mlm.samplers import EpochSampler, TokenBudgetBatchSampler
 from protein_mlm.tokenizer import PAD_ID, load_tokenizer
 
 

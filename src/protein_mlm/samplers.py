@@ -1,0 +1,90 @@
+"""Samplers that yield (epoch, index): per-epoch shuffles, fairseq-style token-budget batches, mid-epoch resume."""
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from .errors import ConfigError
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) so the dataset knows the epoch even inside worker processes.
+
+    Training: a fresh permutation per epoch from (seed, epoch); Lightning calls `set_epoch`.
+    Validation: `fixed=True` keeps epoch 0 and a given order, so every evaluation sees the same masks.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, order=None, fixed: bool = False):
+        self.num_samples, self.seed, self.shuffle, self.fixed = num_samples, seed, shuffle, fixed
+        self.order = np.arange(num_samples) if order is None else np.asarray(order)
+        self.epoch = 0
+        self.resume: tuple[int, int] | None = None  # (epoch, samples already served in it)
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.fixed:
+            self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        order = self.order
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = order[torch.randperm(self.num_samples, generator=generator).numpy()]
+        if self.resume and self.resume[0] == self.epoch:  # continue mid-epoch after a restart
+            order, self.resume = order[self.resume[1] :], None
+        for index in order:
+            yield self.epoch, int(index)
+
+
+class TokenBudgetBatchSampler(Sampler):
+    """fairseq `--max-tokens` batching: batches of similar length whose padded size fits `max_tokens`.
+
+    Each epoch sorts by length with a random tie-break from (seed, epoch), cuts greedy batches, and shuffles
+    the batch order, so padding stays small and the order stays random. Yields lists of (epoch, index).
+    `fixed=True` (validation) keeps epoch 0 and the sorted order.
+    """
+
+    def __init__(self, lengths: np.ndarray, max_tokens: int, seed: int, shuffle: bool = True, fixed: bool = False):
+        if max_tokens < int(lengths.max()):
+            raise ConfigError(
+                f"data.max_tokens={max_tokens} is below the longest (cropped) sequence, {int(lengths.max())} tokens; "
+                "raise data.max_tokens or lower data.max_length"
+            )
+        self.lengths, self.max_tokens, self.seed = np.asarray(lengths), max_tokens, seed
+        self.shuffle, self.fixed, self.epoch = shuffle, fixed, 0
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self.resume: tuple[int, int] | None = None  # (epoch, batches already served in it)
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.fixed:
+            self.epoch = epoch
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The batches (arrays of sample indices) of one epoch, in the order they are served."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        tie_break = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        order = np.lexsort((tie_break, self.lengths))  # ascending length: the last one sets the padded width
+        batches, start = [], 0
+        for end in range(1, len(order) + 1):
+            if end == len(order) or (end - start + 1) * self.lengths[order[end]] > self.max_tokens:
+                batches.append(order[start:end])
+                start = end
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        self._cache = (epoch, batches)
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+    def __iter__(self):
+        epoch = self.epoch
+        batches = self.batches(epoch)
+        if self.resume and self.resume[0] == epoch:  # continue mid-epoch after a restart
+            batches, self.resume = batches[self.resume[1] :], None
+        for batch in batches:
+            yield [(epoch, int(i)) for i in batch]
