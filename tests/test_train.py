@@ -31,6 +31,7 @@ def test_lr_is_logged_once_per_optimizer_step_and_equals_the_schedule(tiny_cfg):
     assert [v for _, v in lrs] == pytest.approx(expected_lrs(1e-3, 12, warmup_steps=4), rel=1e-6)
     assert [step for step, _ in scalars["train/loss"]] == list(range(12))
     assert [step for step, _ in scalars["train/grad_norm"]] == list(range(12))
+    assert all(0.5 < v <= 1.0 for _, v in scalars["perf/padding_efficiency"])
     tokens = [v for _, v in scalars["train/tokens_seen"]]
     assert all(b > a for a, b in zip(tokens, tokens[1:]))
     assert [step for step, _ in scalars["val/loss"]] == [5, 11]  # after updates 6 and 12
@@ -124,3 +125,16 @@ def test_training_and_evaluation_make_no_network_call(tiny_cfg, monkeypatch):
     with open_dict(eval_cfg):
         eval_cfg.paths.output_dir = str(fasta.parent / "eval")
     assert evaluate(eval_cfg)["sequences"] == 1
+
+
+def test_loss_spike_is_a_warning_with_its_step(caplog):
+    from types import SimpleNamespace
+
+    from protein_mlm.callbacks import DivergenceGuard
+
+    guard = DivergenceGuard(spike_factor=3.0, spike_window=20)
+    for step, loss in enumerate([2.0] * 15 + [7.0, 2.0]):
+        trainer = SimpleNamespace(global_step=step + 1)
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)
+    spikes = [r.getMessage() for r in caplog.records if "loss spike" in r.getMessage()]
+    assert spikes == ["loss spike at step 15: 7, over 3 x the recent median"]

@@ -1,8 +1,11 @@
 """Lightning callbacks: per-step LR, validation at the last step, divergence guard, progress bar."""
 
+import collections
+import logging
 import math
 import os
 import signal
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class StepLearningRateMonitor(LearningRateMonitor):
@@ -90,14 +95,16 @@ class SaveOnPreemption(pl.Callback):
 
 
 class DivergenceGuard(pl.Callback):
-    """Stop at the first non-finite loss or gradient norm, or after `patience` steps with loss > `max_loss`.
+    """Stop at the first non-finite loss or gradient norm, or after `patience` steps with loss > `max_loss`;
+    warn about a loss spike (over `spike_factor` x the median of the last `spike_window` batches).
 
     Raising before the optimizer step keeps NaNs out of the weights, and Lightning saves no checkpoint on
     an exception, so `last.ckpt` stays the last good one. Also logs `train/grad_norm` every step.
     """
 
-    def __init__(self, max_loss: float = 10.0, patience: int = 20):
+    def __init__(self, max_loss: float = 10.0, patience: int = 20, spike_factor: float = 3.0, spike_window: int = 50):
         self.max_loss, self.patience = max_loss, patience
+        self.spike_factor, self.recent = spike_factor, collections.deque(maxlen=spike_window)
         self._steps_above = 0
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
@@ -114,6 +121,9 @@ class DivergenceGuard(pl.Callback):
         step = max(trainer.global_step - 1, 0)  # the update this batch belonged to (or the one before it)
         if not math.isfinite(loss):
             raise TrainingDiverged(step, f"loss is {loss}")
+        if len(self.recent) >= 10 and loss > self.spike_factor * statistics.median(self.recent):
+            log.warning("loss spike at step %d: %.4g, over %g x the recent median", step, loss, self.spike_factor)
+        self.recent.append(loss)
         self._steps_above = self._steps_above + 1 if loss > self.max_loss else 0
         if self._steps_above >= self.patience:
             raise TrainingDiverged(step, f"loss above {self.max_loss} for {self.patience} batches (now {loss:.3g})")

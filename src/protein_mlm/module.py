@@ -56,7 +56,7 @@ class MaskedLMModule(pl.LightningModule):
         self.schedule = schedule
         self.val_loss_sum, self.val_targets, self.val_correct = SumMetric(), SumMetric(), SumMetric()
         self.tokens_seen = 0  # real (non-pad) tokens trained on, kept across resumes
-        self._window = [0.0, 0, 0]  # loss * targets, targets, real tokens of the current optimizer step
+        self._window = [0.0, 0, 0, 0]  # loss * targets, targets, real and padded tokens of the current step
         self._last_step_time: float | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -81,6 +81,7 @@ class MaskedLMModule(pl.LightningModule):
         self._window[0] += loss.detach() * n_targets
         self._window[1] += n_targets
         self._window[2] += batch["input_ids"].ne(PAD_ID).sum()
+        self._window[3] += batch["input_ids"].numel()
         self.log("loss", loss.detach(), prog_bar=True, logger=False)  # progress bar only; see below
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, logger=False)
         return loss
@@ -94,12 +95,16 @@ class MaskedLMModule(pl.LightningModule):
         if self.trainer.global_step == self._steps_logged:
             return  # still accumulating gradients
         self._steps_logged = self.trainer.global_step
-        loss_sum, targets, tokens = (float(v) for v in self._window)
-        self._window = [0.0, 0, 0]
+        loss_sum, targets, tokens, padded = (float(v) for v in self._window)
+        self._window = [0.0, 0, 0, 0]
         tokens = int(tokens)
         self.tokens_seen += tokens
         now = time.perf_counter()
-        metrics = {"train/loss": loss_sum / max(targets, 1), "train/tokens_seen": float(self.tokens_seen)}
+        metrics = {
+            "train/loss": loss_sum / max(targets, 1),
+            "train/tokens_seen": float(self.tokens_seen),
+            "perf/padding_efficiency": tokens / max(padded, 1),  # real / padded tokens of this step's batches
+        }
         if self._last_step_time is not None:
             metrics["perf/tokens_per_sec"] = tokens / max(now - self._last_step_time, 1e-9)
         self._last_step_time = now
