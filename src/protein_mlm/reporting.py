@@ -4,6 +4,7 @@ from pathlib import Path
 
 import rich
 import rich.syntax
+import rich.table
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,6 +21,14 @@ def print_config_tree(cfg: DictConfig) -> None:
         text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
         branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark"))
     rich.print(tree)
+
+
+def print_plan(rows: list[tuple[str, str]]) -> None:
+    """The resolved training plan as a small table, before the first step."""
+    table = rich.table.Table(title="training plan", show_header=False)
+    for name, value in rows:
+        table.add_row(name, value)
+    rich.print(table)
 
 
 def print_summary(metrics: dict[str, float], run_dir: Path) -> None:

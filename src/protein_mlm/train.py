@@ -17,7 +17,7 @@ from .checkpoint import load_checkpoint
 from .errors import ConfigError
 from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
 from .module import MaskedLMModule
-from .reporting import print_config_tree, print_summary
+from .reporting import print_config_tree, print_plan, print_summary
 from .sweep import write_status
 from .tblog import read_scalars
 
@@ -102,6 +102,18 @@ def check_checkpoint_matches(cfg: DictConfig) -> None:
         )
 
 
+def accumulation_steps(cfg: DictConfig) -> int:
+    """Micro-batches per update: from data.tokens_per_update when set, else trainer.accumulate_grad_batches."""
+    target = cfg.data.get("tokens_per_update")
+    if not target:
+        return cfg.trainer.accumulate_grad_batches
+    if not cfg.data.get("max_tokens"):
+        raise ConfigError("data.tokens_per_update needs a token budget per batch; set data.max_tokens too")
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > 0 else 1
+    per_micro_batch = cfg.data.max_tokens * devices * cfg.trainer.get("num_nodes", 1)
+    return max(1, math.ceil(target / per_micro_batch))
+
+
 def build_schedule(cfg: DictConfig):
     """The configured `step -> multiplier` function, checked at the first and the last step."""
     schedule_cfg, _ = split_scheduler_config(cfg.scheduler)
@@ -166,6 +178,22 @@ def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
     return problem
 
 
+def plan_rows(cfg: DictConfig, schedule, accumulate: int, train_tokens: int) -> list[tuple[str, str]]:
+    """What will run, resolved: batch size in tokens, accumulation, schedule milestones, epochs implied."""
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > 0 else 1
+    per_update = (cfg.data.max_tokens or cfg.data.batch_size * cfg.data.max_length) * devices * accumulate
+    per_update *= cfg.trainer.get("num_nodes", 1)
+    steps = cfg.trainer.max_steps
+    return [
+        ("padded tokens per update (at most)", f"{per_update:,}"),
+        ("target tokens per update", f"{cfg.data.tokens_per_update:,}" if cfg.data.get("tokens_per_update") else "-"),
+        ("accumulate_grad_batches", str(accumulate)),
+        ("warmup steps / total steps", f"{cfg.scheduler.get('warmup_steps', 0):,} / {steps:,}"),
+        ("peak LR / LR at the last step", f"{cfg.optimizer.lr:.3g} / {cfg.optimizer.lr * schedule(steps - 1):.3g}"),
+        ("epochs max_steps implies (about)", f"{steps * per_update / max(train_tokens, 1):.2f}"),
+    ]
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as the config says; return the final validation metrics."""
     check_config(cfg)
@@ -179,12 +207,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("print_config", True):
         print_config_tree(cfg)
 
-    datamodule = instantiate(cfg.data)
+    data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "tokens_per_update"}
+    datamodule = instantiate(data_cfg)
     module = build_module(cfg)
+    accumulate = accumulation_steps(cfg)
+    datamodule.setup()
+    print_plan(plan_rows(cfg, module.schedule, accumulate, int(datamodule.token_lengths("train").sum())))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision, accumulate_grad_batches=accumulate
+    )
     plot_lr_curves(
         [(schedule_label(cfg), module.schedule, cfg.optimizer.lr, cfg.trainer.max_steps)],
         run_dir / "lr_schedule.png",
