@@ -165,6 +165,7 @@ class ProteinDataModule(pl.LightningDataModule):
         max_length: int = 1024,
         batch_size: int = 16,
         max_tokens: int | None = None,
+        tokens_per_update: int | None = None,
         num_workers: int = 0,
         mask_prob: float = 0.15,
         seed: int = 0,
@@ -187,6 +188,7 @@ class ProteinDataModule(pl.LightningDataModule):
         self.val_path = Path(val_path) if val_path else None
         self.val_fraction, self.max_length, self.batch_size = val_fraction, max_length, batch_size
         self.max_tokens = max_tokens
+        self.tokens_per_update = tokens_per_update  # read by train() to derive gradient accumulation
         self.num_workers, self.mask_prob, self.seed = num_workers, mask_prob, seed
         self.cache_dir, self.pin_memory = Path(cache_dir), pin_memory
         self.splits: dict[str, datasets.Dataset] | None = None

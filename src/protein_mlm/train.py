@@ -207,8 +207,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("print_config", True):
         print_config_tree(cfg)
 
-    data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "tokens_per_update"}
-    datamodule = instantiate(data_cfg)
+    datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     accumulate = accumulation_steps(cfg)
     datamodule.setup()
