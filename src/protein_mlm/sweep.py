@@ -86,14 +86,20 @@ def _values(scalars: dict, tag: str) -> list[float]:
     return [v for _, v in scalars.get(tag, [])]
 
 
-def job_row(job_dir: Path, label_keys: list[str] | None = None) -> dict[str, Any]:
-    """One summary row, read back from a job's files."""
-    overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+def _job_scalars(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    return read_scalars(job_dir / "tensorboard") if (job_dir / "tensorboard").is_dir() else {}
+
+
+def _job_overrides(job_dir: Path) -> list[str]:
+    return [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+
+
+def job_row(job_dir: Path, overrides: list[str], scalars: dict, label_keys: list[str] | None = None) -> dict:
+    """One summary row, from a job's overrides, event-file scalars and status.json."""
     if label_keys:
         overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in label_keys]
     status_path = job_dir / STATUS_FILE
     status = json.loads(status_path.read_text()) if status_path.is_file() else {"status": "running or killed"}
-    scalars = read_scalars(job_dir / "tensorboard") if (job_dir / "tensorboard").is_dir() else {}
     val_loss, val_ppl = _values(scalars, "val/loss"), _values(scalars, "val/perplexity")
     train_steps = [s for s, _ in scalars.get("train/loss", [])]
     speed = _values(scalars, "perf/tokens_per_sec")[1:]  # the first step includes warm-up work
@@ -136,7 +142,7 @@ def best_trial_note(sweep_dir: Path) -> str:
     return f"\nBest trial: best val/loss {results.get('best_value')} with {params}\n"
 
 
-def plot_sweep(job_dirs: list[Path], labels: list[str], path: Path) -> None:
+def plot_sweep(job_scalars: list[dict], labels: list[str], path: Path) -> None:
     """LR vs step and val/loss vs step of every job, one figure, labelled by overrides."""
     import matplotlib
 
@@ -144,8 +150,7 @@ def plot_sweep(job_dirs: list[Path], labels: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_lr, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for job_dir, label in zip(job_dirs, labels):
-        scalars = read_scalars(job_dir / "tensorboard") if (job_dir / "tensorboard").is_dir() else {}
+    for scalars, label in zip(job_scalars, labels):
         for tag, series in scalars.items():
             if tag.startswith("lr-"):
                 ax_lr.plot(*zip(*series), label=f"{label} ({tag})" if "/" in tag else label)
@@ -166,16 +171,17 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Write summary.csv, summary.md and summary.png into the sweep dir; return the rows."""
     sweep_dir = Path(sweep_dir)
     job_dirs = _job_dirs(sweep_dir)
-    all_overrides = [[str(o) for o in OmegaConf.load(j / ".hydra" / "overrides.yaml")] for j in job_dirs]
+    all_overrides = [_job_overrides(j) for j in job_dirs]
+    all_scalars = [_job_scalars(j) for j in job_dirs]  # each job's event files are read once
     # Label jobs by the overrides that differ between them (all of them when there is only one job).
     keys = sorted({o.split("=", 1)[0] for overrides in all_overrides for o in overrides})
     varying = [k for k in keys if len({tuple(o for o in ov if o.split("=", 1)[0] == k) for ov in all_overrides}) > 1]
-    rows = [job_row(j, varying or None) for j in job_dirs]
+    rows = [job_row(*job, varying or None) for job in zip(job_dirs, all_overrides, all_scalars)]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     (sweep_dir / "summary.md").write_text(markdown_table(rows) + best_trial_note(sweep_dir))
     if job_dirs:
-        plot_sweep(job_dirs, [r["overrides"] or r["job"] for r in rows], sweep_dir / "summary.png")
+        plot_sweep(all_scalars, [r["overrides"] or r["job"] for r in rows], sweep_dir / "summary.png")
     return rows
