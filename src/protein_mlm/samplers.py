@@ -1,5 +1,7 @@
 """Samplers that yield (epoch, index): per-epoch shuffles, fairseq-style token-budget batches, mid-epoch resume."""
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch.utils.data import Sampler
@@ -12,11 +14,21 @@ class EpochSampler(Sampler):
 
     Training: a fresh permutation per epoch from (seed, epoch); Lightning calls `set_epoch`.
     Validation: `fixed=True` keeps epoch 0 and a given order, so every evaluation sees the same masks.
+    `epoch_indices(epoch)`, when given, picks the rows an epoch covers (cluster sampling); they are then shuffled.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, order=None, fixed: bool = False):
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        shuffle: bool = True,
+        order=None,
+        fixed: bool = False,
+        epoch_indices: Callable[[int], np.ndarray] | None = None,
+    ):
         self.num_samples, self.seed, self.shuffle, self.fixed = num_samples, seed, shuffle, fixed
         self.order = np.arange(num_samples) if order is None else np.asarray(order)
+        self.epoch_indices = epoch_indices
         self.epoch = 0
         self.resume: tuple[int, int] | None = None  # (epoch, samples already served in it)
 
@@ -25,13 +37,13 @@ class EpochSampler(Sampler):
             self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples if self.epoch_indices is None else len(self.epoch_indices(self.epoch))
 
     def __iter__(self):
-        order = self.order
+        order = self.order if self.epoch_indices is None else np.asarray(self.epoch_indices(self.epoch))
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = order[torch.randperm(self.num_samples, generator=generator).numpy()]
+            order = order[torch.randperm(len(order), generator=generator).numpy()]
         if self.resume and self.resume[0] == self.epoch:  # continue mid-epoch after a restart
             order, self.resume = order[self.resume[1] :], None
         for index in order:
@@ -43,10 +55,19 @@ class TokenBudgetBatchSampler(Sampler):
 
     Each epoch sorts by length with a random tie-break from (seed, epoch), cuts greedy batches, and shuffles
     the batch order, so padding stays small and the order stays random. Yields lists of (epoch, index).
-    `fixed=True` (validation) keeps epoch 0 and the sorted order.
+    `fixed=True` (validation) keeps epoch 0 and the sorted order. `epoch_indices(epoch)`, when given, picks the
+    rows an epoch batches (cluster sampling); without it every row is batched once per epoch.
     """
 
-    def __init__(self, lengths: np.ndarray, max_tokens: int, seed: int, shuffle: bool = True, fixed: bool = False):
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        max_tokens: int,
+        seed: int,
+        shuffle: bool = True,
+        fixed: bool = False,
+        epoch_indices: Callable[[int], np.ndarray] | None = None,
+    ):
         if max_tokens < int(lengths.max()):
             raise ConfigError(
                 f"data.max_tokens={max_tokens} is below the longest (cropped) sequence, {int(lengths.max())} tokens; "
@@ -54,6 +75,7 @@ class TokenBudgetBatchSampler(Sampler):
             )
         self.lengths, self.max_tokens, self.seed = np.asarray(lengths), max_tokens, seed
         self.shuffle, self.fixed, self.epoch = shuffle, fixed, 0
+        self.epoch_indices = epoch_indices
         self._cache: tuple[int, list[np.ndarray]] | None = None
         self.resume: tuple[int, int] | None = None  # (epoch, batches already served in it)
 
@@ -65,9 +87,10 @@ class TokenBudgetBatchSampler(Sampler):
         """The batches (arrays of sample indices) of one epoch, in the order they are served."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
+        rows = np.arange(len(self.lengths)) if self.epoch_indices is None else np.asarray(self.epoch_indices(epoch))
         rng = np.random.default_rng([self.seed, epoch])
-        tie_break = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
-        order = np.lexsort((tie_break, self.lengths))  # ascending length: the last one sets the padded width
+        tie_break = rng.permutation(len(rows)) if self.shuffle else np.arange(len(rows))
+        order = rows[np.lexsort((tie_break, self.lengths[rows]))]  # ascending length: the last sets the padded width
         batches, start = [], 0
         for end in range(1, len(order) + 1):
             if end == len(order) or (end - start + 1) * self.lengths[order[end]] > self.max_tokens:
