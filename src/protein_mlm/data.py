@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
+from .clusters import ClusterSampler, build_cluster_sampler, load_row_record_ids
 from .errors import ConfigError, DataError
 from .fasta import read_fasta
 from .masking import collate, crop, mask_tokens, sample_rng
@@ -171,6 +172,7 @@ class ProteinDataModule(pl.LightningDataModule):
         seed: int = 0,
         cache_dir: str = ".cache/data",
         pin_memory: bool = False,
+        cluster_map: str | None = None,
     ):
         super().__init__()
         if max_length < 3:
@@ -194,12 +196,27 @@ class ProteinDataModule(pl.LightningDataModule):
         self.splits: dict[str, datasets.Dataset] | None = None
         self.stats: SplitStats | None = None
         self._resume: dict[str, int] | None = None
+        self.cluster_map = Path(cluster_map) if cluster_map else None
+        if self.cluster_map is not None and not self.cluster_map.is_file():
+            raise DataError(
+                f"data.cluster_map={cluster_map} does not exist; pass a cluster<TAB>member TSV or UniProt's "
+                "idmapping_selected.tab, or data.cluster_map=null for plain sampling"
+            )
+        self.clusters: ClusterSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits, self.stats = load_splits(self.train_path, self.val_path, self.val_fraction, self.cache_dir)
             if self.stats.empty_removed:
                 log.warning("skipped %d FASTA records with an empty sequence", self.stats.empty_removed)
+        if self.cluster_map is not None and self.clusters is None:
+            self.clusters = self._cluster_sampler()
+
+    def _cluster_sampler(self) -> ClusterSampler:
+        """ESM-2's UniRef50 cluster sampling over the training rows; their record ids are cached beside the data."""
+        key = _cache_key(self.train_path, self.val_path, val_fraction=self.val_fraction, record_ids=True)
+        row_ids = load_row_record_ids(self.train_path, self.splits["train"], self.cache_dir / f"{key}.train_ids.arrow")
+        return build_cluster_sampler(self.cluster_map, row_ids, self.seed, source=str(self.train_path))
 
     def state_dict(self) -> dict[str, int]:
         """Where the training data stands (saved in every checkpoint): epoch and batches consumed in it."""
@@ -228,14 +245,20 @@ class ProteinDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
         resume, self._resume = (self._resume, None) if shuffle else (None, self._resume)
+        # Validation never samples by cluster: it scores every held-out sequence.
+        epoch_indices = self.clusters.epoch_indices if shuffle and self.clusters is not None else None
         if self.max_tokens is not None:
-            sampler = TokenBudgetBatchSampler(lengths, self.max_tokens, self.seed, shuffle=shuffle, fixed=not shuffle)
+            sampler = TokenBudgetBatchSampler(
+                lengths, self.max_tokens, self.seed, shuffle=shuffle, fixed=not shuffle, epoch_indices=epoch_indices
+            )
             if resume:
                 sampler.resume = (resume["epoch"], resume["batches"])
             return DataLoader(dataset, batch_sampler=sampler, **common)
         # Validation in length order, so its batches carry little padding.
         order = None if shuffle else np.argsort(lengths, kind="stable")
-        sampler = EpochSampler(len(lengths), self.seed, shuffle=shuffle, order=order, fixed=not shuffle)
+        sampler = EpochSampler(
+            len(lengths), self.seed, shuffle=shuffle, order=order, fixed=not shuffle, epoch_indices=epoch_indices
+        )
         if resume:
             sampler.resume = (resume["epoch"], resume["batches"] * self.batch_size)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
