@@ -7,14 +7,17 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytorch_lightning as pl
+from datasets.arrow_writer import ArrowWriter
 from torch.utils.data import DataLoader, Dataset
 
 from .clusters import ClusterSampler, build_cluster_sampler, load_row_record_ids
@@ -28,8 +31,9 @@ log = logging.getLogger(__name__)
 datasets.disable_progress_bars()  # the one-off Arrow conversion is quick; its bars only clutter the log
 
 BUNDLED_FASTA = resources.files("protein_mlm") / "assets" / "swissprot_sample.fasta.gz"
-CACHE_FORMAT = 1  # bump when the stored layout or the split rule changes, so old caches are not reused
+CACHE_FORMAT = 2  # bump when the stored layout or the split rule changes, so old caches are not reused
 FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint8"))})  # 1 byte per residue
+CHUNK_RECORDS = 10_000  # records per Arrow write: bounds the memory preprocessing needs, whatever the file size
 
 
 @dataclass
@@ -49,22 +53,54 @@ def is_val_sequence(residues: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
-def _unique_sequences(path: Path) -> tuple[list[bytes], int, int]:
-    """Residue strings of a FASTA in file order, exact duplicates and empty records dropped."""
-    seen, unique, empty = set(), [], 0
-    total = 0
+def _unique_sequences(path: Path, seen: set[bytes], counts: dict[str, int]) -> Iterator[tuple[bytes, bytes]]:
+    """(residues, 16-byte digest) of a FASTA's records in file order, exact duplicates and empty records dropped.
+
+    Duplicates are found by digest, not by keeping the sequences: memory grows by ~100 bytes per unique sequence
+    (the set entry), not by its length. `counts` gains the records read, the empty ones and the duplicates.
+    """
     for _, residues in read_fasta(path):
-        total += 1
+        counts["records"] += 1
         if not residues:
-            empty += 1
-        elif residues not in seen:
-            seen.add(residues)
-            unique.append(residues)
-    return unique, total - empty - len(unique), empty
+            counts["empty"] += 1
+            continue
+        digest = hashlib.blake2b(residues, digest_size=16).digest()
+        if digest in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(digest)
+        yield residues, digest
 
 
-def _to_arrow(sequences: list[bytes]) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"input_ids": [encode_residues(s) for s in sequences]}, features=FEATURES)
+class _ArrowSplitWriter:
+    """Appends residue strings to an Arrow file in chunks: one vectorised lookup per chunk, uint8 ids on disk."""
+
+    def __init__(self, path: Path, chunk_records: int = CHUNK_RECORDS):
+        self.path, self.chunk_records = path, chunk_records
+        self.writer = ArrowWriter(features=FEATURES, path=str(path))
+        self.pending: list[bytes] = []
+        self.count = 0
+
+    def add(self, residues: bytes) -> None:
+        self.pending.append(residues)
+        if len(self.pending) >= self.chunk_records:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        offsets = np.zeros(len(self.pending) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in self.pending], out=offsets[1:])
+        ids = pa.LargeListArray.from_arrays(offsets, encode_residues(b"".join(self.pending)))
+        self.writer.write_table(pa.table({"input_ids": ids.cast(FEATURES.arrow_schema.field("input_ids").type)}))
+        self.count += len(self.pending)
+        self.pending = []
+
+    def close(self) -> datasets.Dataset:
+        self._flush()
+        self.writer.finalize()
+        self.writer.close()
+        return datasets.Dataset.from_file(str(self.path))  # memory-mapped
 
 
 def _cache_key(*paths: Path | None, **settings) -> str:
@@ -77,26 +113,40 @@ def _cache_key(*paths: Path | None, **settings) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def build_splits(train_path: Path, val_path: Path | None, val_fraction: float) -> tuple[dict, SplitStats]:
-    """Read, deduplicate and split; with a separate val file, drop its sequences from train (no leakage)."""
-    train_seqs, duplicates, empty = _unique_sequences(train_path)
+def build_splits(
+    train_path: Path, val_path: Path | None, val_fraction: float, out_dir: Path | None = None
+) -> tuple[dict, SplitStats]:
+    """Read, deduplicate and split; with a separate val file, drop its sequences from train (no leakage).
+
+    One streaming pass per file writes `train.arrow` / `val.arrow` into `out_dir` (a new temporary dir by
+    default) in file order, so peak memory does not grow with sequence length or file size beyond the digests.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="protein_mlm-splits-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers = {name: _ArrowSplitWriter(out_dir / f"{name}.arrow") for name in ("train", "val")}
+    counts = {"records": 0, "empty": 0, "duplicates": 0}
     overlap = 0
     if val_path is None:
-        val_seqs = [s for s in train_seqs if is_val_sequence(s, val_fraction)]
-        train_seqs = [s for s in train_seqs if not is_val_sequence(s, val_fraction)]
+        for residues, _ in _unique_sequences(train_path, set(), counts):
+            writers["val" if is_val_sequence(residues, val_fraction) else "train"].add(residues)
     else:
-        val_seqs, _, _ = _unique_sequences(val_path)
-        val_set = set(val_seqs)
-        kept = [s for s in train_seqs if s not in val_set]
-        overlap, train_seqs = len(train_seqs) - len(kept), kept
-    if not train_seqs or not val_seqs:
-        which = "training" if not train_seqs else "validation"
+        val_digests: set[bytes] = set()
+        for residues, _ in _unique_sequences(val_path, val_digests, {"records": 0, "empty": 0, "duplicates": 0}):
+            writers["val"].add(residues)
+        for residues, digest in _unique_sequences(train_path, set(), counts):
+            if digest in val_digests:
+                overlap += 1
+            else:
+                writers["train"].add(residues)
+    splits = {name: writer.close() for name, writer in writers.items()}
+    if not len(splits["train"]) or not len(splits["val"]):
+        which = "training" if not len(splits["train"]) else "validation"
         raise DataError(
             f"the {which} split of {train_path} is empty; give more sequences, "
             "change data.val_fraction or pass data.val_path"
         )
-    stats = SplitStats(len(train_seqs), len(val_seqs), duplicates, empty, overlap)
-    return {"train": _to_arrow(train_seqs), "val": _to_arrow(val_seqs)}, stats
+    stats = SplitStats(len(splits["train"]), len(splits["val"]), counts["duplicates"], counts["empty"], overlap)
+    return splits, stats
 
 
 def load_splits(
@@ -106,20 +156,22 @@ def load_splits(
     key = _cache_key(train_path, val_path, val_fraction=None if val_path else val_fraction)
     target = cache_dir / key
     if not (target / "stats.json").is_file():
-        splits, stats = build_splits(train_path, val_path, val_fraction)
         cache_dir.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename, so concurrent runs never read a half-written cache.
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}-"))
-        for name, ds in splits.items():
-            ds.save_to_disk(str(tmp / name))
-        (tmp / "stats.json").write_text(json.dumps(stats.__dict__))
+        try:
+            _, stats = build_splits(train_path, val_path, val_fraction, out_dir=tmp)
+            (tmp / "stats.json").write_text(json.dumps(stats.__dict__))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is equivalent
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("Tokenized %s into %s", train_path, target)
     stats = SplitStats(**json.loads((target / "stats.json").read_text()))
-    splits = {name: datasets.load_from_disk(str(target / name)) for name in ("train", "val")}
+    splits = {name: datasets.Dataset.from_file(str(target / f"{name}.arrow")) for name in ("train", "val")}
     return splits, stats
 
 
