@@ -17,10 +17,14 @@ def esm_config(architecture: dict[str, Any]) -> EsmConfig:
     return config
 
 
-def build_model(architecture: dict[str, Any], device: str | torch.device | None = None) -> EsmForMaskedLM:
+def build_model(
+    architecture: dict[str, Any], device: str | torch.device | None = None, activation_checkpointing: bool = False
+) -> EsmForMaskedLM:
     """A freshly initialised ESM masked-LM; `device="meta"` builds the shape only (free, for counting)."""
     with torch.device(device or "cpu"):
         model = EsmForMaskedLM(esm_config(architecture))
+    if activation_checkpointing:  # keep only each layer's input; recompute the rest in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # The contact-prediction head gets no gradient from MLM: freezing it keeps the HF checkpoint layout
     # (so exports load in `from_pretrained`) without DDP's unused-parameter error.
     model.esm.contact_head.requires_grad_(False)

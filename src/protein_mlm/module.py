@@ -13,6 +13,7 @@ from torchmetrics import SumMetric
 from .checkpoint import load_pretrained_into
 from .masking import IGNORE_INDEX
 from .model import build_model
+from .perf import flops_per_step
 from .schedules import lambda_scheduler
 from .tokenizer import PAD_ID
 
@@ -45,18 +46,25 @@ class MaskedLMModule(pl.LightningModule):
         run_config: dict[str, Any] | None = None,
         inject_nan_at_step: int | None = None,
         init_from: str | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        peak_tflops: float | None = None,
     ):
         super().__init__()
         # Only plain containers go into the checkpoint, so it loads with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optimizer", "schedule"])
-        self.model = build_model(architecture)
+        self.model = build_model(architecture, activation_checkpointing=activation_checkpointing)
         if init_from:  # continue pretraining from a Hugging Face ESM directory (e.g. an export)
             load_pretrained_into(self.model, init_from)
+        if compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
+            # dynamic: token-budget batches change shape every step; one dynamic graph beats a recompile each time
+            self.model.compile(dynamic=True)
+        self._num_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.optimizer_factory = optimizer
         self.schedule = schedule
         self.val_loss_sum, self.val_targets, self.val_correct = SumMetric(), SumMetric(), SumMetric()
         self.tokens_seen = 0  # real (non-pad) tokens trained on, kept across resumes
-        self._window = [0.0, 0, 0, 0]  # loss * targets, targets, real and padded tokens of the current step
+        self._window = [0.0, 0, 0, 0, 0]  # loss * targets, targets, real tokens, padded tokens, sum of lengths^2
         self._last_step_time: float | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -82,6 +90,7 @@ class MaskedLMModule(pl.LightningModule):
         self._window[1] += n_targets
         self._window[2] += batch["input_ids"].ne(PAD_ID).sum()
         self._window[3] += batch["input_ids"].numel()
+        self._window[4] += batch["attention_mask"].sum(1).square().sum()  # attention FLOPs grow with length^2
         self.log("loss", loss.detach(), prog_bar=True, logger=False)  # progress bar only; see below
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, logger=False)
         return loss
@@ -95,8 +104,8 @@ class MaskedLMModule(pl.LightningModule):
         if self.trainer.global_step == self._steps_logged:
             return  # still accumulating gradients
         self._steps_logged = self.trainer.global_step
-        loss_sum, targets, tokens, padded = (float(v) for v in self._window)
-        self._window = [0.0, 0, 0, 0]
+        loss_sum, targets, tokens, padded, squared_lengths = (float(v) for v in self._window)
+        self._window = [0.0, 0, 0, 0, 0]
         tokens = int(tokens)
         self.tokens_seen += tokens
         now = time.perf_counter()
@@ -105,8 +114,16 @@ class MaskedLMModule(pl.LightningModule):
             "train/tokens_seen": float(self.tokens_seen),
             "perf/padding_efficiency": tokens / max(padded, 1),  # real / padded tokens of this step's batches
         }
-        if self._last_step_time is not None:
-            metrics["perf/tokens_per_sec"] = tokens / max(now - self._last_step_time, 1e-9)
+        if self._last_step_time is not None:  # per process; under DDP multiply by the world size
+            seconds = max(now - self._last_step_time, 1e-9)
+            metrics["perf/tokens_per_sec"] = tokens / seconds
+            arch = self.hparams.architecture
+            flops = flops_per_step(
+                self._num_params, arch["num_hidden_layers"], arch["hidden_size"], tokens, squared_lengths
+            )
+            metrics["perf/tflops"] = flops / seconds / 1e12  # achieved model TFLOP/s (real tokens only)
+            if self.hparams.peak_tflops:
+                metrics["perf/mfu"] = metrics["perf/tflops"] / self.hparams.peak_tflops
         self._last_step_time = now
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step - 1)
