@@ -1,13 +1,23 @@
 """Scaling: chunked preprocessing equals the in-memory one, rank-sharded samplers, streaming FASTA, DDP, FSDP."""
 
 import gzip
+import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
+import pytorch_lightning as pl
 
-from protein_mlm.data import BUNDLED_FASTA, build_splits, is_val_sequence
+from protein_mlm.data import BUNDLED_FASTA, MaskedSequenceDataset, build_splits, is_val_sequence
 from protein_mlm.fasta import read_fasta
+from protein_mlm.masking import IGNORE_INDEX
+from protein_mlm.samplers import EpochSampler, TokenBudgetBatchSampler
+from protein_mlm.tblog import read_scalars
 from protein_mlm.tokenizer import encode_residues
+from protein_mlm.train import train
+
+from .conftest import TINY, run_cli
 
 
 def reference_splits(train_path: Path, val_path: Path | None, val_fraction: float):
@@ -68,3 +78,119 @@ def test_chunked_preprocessing_gives_the_same_ids_in_the_same_order(tmp_path, mo
         for name in ("train", "val"):
             assert splits[name]["input_ids"] == expected[name]
         assert splits["train"].features["input_ids"].feature.dtype == "uint8"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_get_disjoint_equal_shares_of_each_epoch(world):
+    lengths = np.random.default_rng(0).integers(10, 300, size=1001)
+    single = TokenBudgetBatchSampler(lengths, max_tokens=1024, seed=0)
+    for epoch in (0, 1):
+        shares = []
+        for rank in range(world):
+            sampler = TokenBudgetBatchSampler(lengths, max_tokens=1024, seed=0, num_replicas=world, rank=rank)
+            sampler.set_epoch(epoch)
+            shares.append([[i for _, i in batch] for batch in sampler])
+            assert len(shares[-1]) == len(sampler)
+        assert len({len(share) for share in shares}) == 1  # every rank steps the same number of times
+        single.set_epoch(epoch)
+        batches = [[i for _, i in b] for b in single]
+        # Rank r serves batches r, r + W, ... of the single-process epoch; the tail is padded by repeating its start.
+        padded = batches + batches[: -len(batches) % world]
+        for rank in range(world):
+            assert shares[rank] == padded[rank::world]
+        served = [i for share in shares for batch in share for i in batch]
+        assert sorted(set(served)) == list(range(1001))
+
+        samplers = [EpochSampler(1001, seed=0, num_replicas=world, rank=r) for r in range(world)]
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        orders = [[i for _, i in sampler] for sampler in samplers]
+        assert len({len(order) for order in orders}) == 1 == len({len(s) for s in samplers})
+        assert sorted(set(sum(orders, []))) == list(range(1001))
+        assert sum(map(len, orders)) - 1001 == -1001 % world  # only the padding repeats
+
+
+def test_validation_shards_pad_with_weightless_samples(cache_dir):
+    from protein_mlm.data import ProteinDataModule
+
+    dm = ProteinDataModule(max_length=64, max_tokens=512, cache_dir=str(cache_dir))
+    dm.setup()
+    dataset = MaskedSequenceDataset(dm.splits["val"], 64, seed=0)
+    lengths = dm.token_lengths("val")
+    for make in (
+        lambda r: TokenBudgetBatchSampler(lengths, 512, 0, shuffle=False, fixed=True, num_replicas=3, rank=r),
+        lambda r: EpochSampler(len(lengths), 0, shuffle=False, fixed=True, num_replicas=3, rank=r),
+    ):
+        served, padding = [], []
+        for rank in range(3):
+            for item in make(rank):
+                for _, index in item if isinstance(item, list) else [item]:
+                    (served if index >= 0 else padding).append(index)
+        assert sorted(served) == list(range(len(lengths)))  # every validation sample exactly once
+        for index in padding:
+            ids, labels = dataset[0, index]
+            assert (labels == IGNORE_INDEX).all() and len(ids) > 2
+
+
+class RecordShards(pl.Callback):
+    """Test helper, instantiated in every DDP process: writes the indices its samplers serve in epoch 0."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_train_start(self, trainer, pl_module):
+        train_sampler = trainer.train_dataloader.batch_sampler
+        val_sampler = trainer.val_dataloaders.batch_sampler
+        record = {
+            "world_size": trainer.world_size,
+            "num_batches": len(trainer.train_dataloader),
+            "train": [int(i) for batch in train_sampler.rank_batches(0) for i in batch],
+            "train_total_batches": len(train_sampler.batches(0)),
+            "val": [int(i) for batch in val_sampler.rank_batches(0) for i in batch],
+            "pid": os.getpid(),
+        }
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_ddp_two_cpu_processes_share_epochs_and_follow_the_single_process_lr(tiny_cfg, cache_dir, tmp_path):
+    """trainer=ddp with 2 gloo processes: disjoint shards, one run dir, the single-process LR at every step."""
+    record_dir = tmp_path / "shards"
+    record_dir.mkdir()
+    run_dir = tmp_path / "ddp"
+    overrides = [o for o in TINY if not o.startswith("trainer.accelerator")]
+    result = run_cli(
+        *overrides,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "num_threads=1",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.record_shards._target_=tests.test_scale.RecordShards",
+        f"+callbacks.record_shards.out_dir={record_dir}",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["pid"] != ranks[1]["pid"]
+    assert ranks[0]["num_batches"] == ranks[1]["num_batches"]
+    train0, train1 = set(ranks[0]["train"]), set(ranks[1]["train"])
+    padded = ranks[0]["train_total_batches"] % 2  # an odd batch count: rank 1 repeats the epoch's first batch
+    assert padded or not train0 & train1
+    assert len(ranks[0]["train"]) + len(ranks[1]["train"]) == len(train0 | train1) + len(train0 & train1)
+    val = sorted(i for r in ranks for i in r["val"] if i >= 0)  # negative: weightless padding
+    assert val == list(range(len(val)))  # every validation sample once, on one rank
+
+    # One run dir, written by rank 0 only; rank 1 logged to its own file in it.
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()].count("ddp") == 1
+    assert not list(tmp_path.glob("outputs"))
+    assert (run_dir / "status.json").is_file() and not list(run_dir.glob("config-resume-*.yaml"))
+    assert len(list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))) == 1
+    assert result.stdout.count("val/perplexity") == 1  # one summary line
+
+    cfg = tiny_cfg("num_threads=1")
+    train(cfg)
+    single = read_scalars(Path(cfg.paths.output_dir) / "tensorboard")["lr-inverse_sqrt"]
+    ddp = read_scalars(run_dir / "tensorboard")["lr-inverse_sqrt"]
+    assert ddp == single and [s for s, _ in ddp] == list(range(12))

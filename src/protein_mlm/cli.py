@@ -115,6 +115,14 @@ def resume_argv(argv: list[str]) -> list[str]:
     ]
 
 
+def distributed_rank() -> int:
+    """This process's rank as the launcher set it (as Lightning reads it); 0 when not launched distributed."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 def check_sweep(config_name: str, overrides: list[str], check) -> None:
     """Compose and check every job of a grid sweep first, so a typo fails in one line, not in every job."""
     try:
@@ -133,6 +141,10 @@ def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
         return argv
     if flags:
         return argv  # --help, --cfg, --info …: Hydra's own modes
+    if distributed_rank() > 0:
+        # A DDP child: Lightning re-runs this command line with hydra.run.dir pinned to rank 0's run dir, which
+        # rank 0 has checked and created already; making or checking one here would fork the run into two dirs.
+        return argv
     if any(_key(arg) == "resume" for arg in argv):
         argv = resume_argv(argv)
         check(compose_checked(config_name, argv))

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from .clusters import ClusterSampler, build_cluster_sampler, load_row_record_ids
 from .errors import ConfigError, DataError
 from .fasta import read_fasta
-from .masking import collate, crop, mask_tokens, sample_rng
-from .samplers import EpochSampler, TokenBudgetBatchSampler
+from .masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
+from .samplers import EpochSampler, TokenBudgetBatchSampler, padding_index
 from .tokenizer import VOCAB, encode_residues
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,9 @@ class MaskedSequenceDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         epoch, index = key
+        if index < 0:  # a validation rank's padding (samplers.padding_index): same tokens, no targets
+            input_ids, labels = self[epoch, padding_index(index)]
+            return input_ids, np.full_like(labels, IGNORE_INDEX)
         rng = sample_rng(self.seed, epoch, index)
         residues = crop(self.sequences[index]["input_ids"], self.max_residues, rng)
         return mask_tokens(residues, rng, mask_prob=self.mask_prob)
@@ -287,8 +290,15 @@ class ProteinDataModule(pl.LightningDataModule):
         """Tokens per sample after cropping, <cls>/<eos> included."""
         return np.minimum(residue_lengths(self.splits[split]), self.max_length - 2) + 2
 
+    def replicas(self) -> tuple[int, int]:
+        """(world size, global rank) of the Trainer this DataModule serves; (1, 0) outside one."""
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = MaskedSequenceDataset(self.splits[split], self.max_length, self.seed, self.mask_prob)
+        # DDP: the samplers shard each epoch by rank themselves (Trainer use_distributed_sampler=False), since
+        # Lightning cannot inject its DistributedSampler into a token-budget batch sampler.
+        num_replicas, rank = self.replicas()
         lengths = self.token_lengths(split)
         common = dict(
             collate_fn=collate,
@@ -301,7 +311,14 @@ class ProteinDataModule(pl.LightningDataModule):
         epoch_indices = self.clusters.epoch_indices if shuffle and self.clusters is not None else None
         if self.max_tokens is not None:
             sampler = TokenBudgetBatchSampler(
-                lengths, self.max_tokens, self.seed, shuffle=shuffle, fixed=not shuffle, epoch_indices=epoch_indices
+                lengths,
+                self.max_tokens,
+                self.seed,
+                shuffle=shuffle,
+                fixed=not shuffle,
+                epoch_indices=epoch_indices,
+                num_replicas=num_replicas,
+                rank=rank,
             )
             if resume:
                 sampler.resume = (resume["epoch"], resume["batches"])
@@ -309,7 +326,14 @@ class ProteinDataModule(pl.LightningDataModule):
         # Validation in length order, so its batches carry little padding.
         order = None if shuffle else np.argsort(lengths, kind="stable")
         sampler = EpochSampler(
-            len(lengths), self.seed, shuffle=shuffle, order=order, fixed=not shuffle, epoch_indices=epoch_indices
+            len(lengths),
+            self.seed,
+            shuffle=shuffle,
+            order=order,
+            fixed=not shuffle,
+            epoch_indices=epoch_indices,
+            num_replicas=num_replicas,
+            rank=rank,
         )
         if resume:
             sampler.resume = (resume["epoch"], resume["batches"] * self.batch_size)

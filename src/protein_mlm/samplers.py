@@ -9,6 +9,29 @@ from torch.utils.data import Sampler
 from .errors import ConfigError
 
 
+def rank_share(num_items: int, num_replicas: int, rank: int) -> np.ndarray:
+    """Positions rank, rank + W, rank + 2W, ... of an epoch's list of `num_items`, for rank `rank` of W.
+
+    The list is extended past its end so every rank gets the same count and DDP ranks step together; a position
+    >= num_items is padding for item `position % num_items`. Training repeats those items (as `DistributedSampler`
+    does); validation serves them as weightless samples (see `padding_index`), so its metrics stay exact.
+    """
+    return np.arange(rank, num_items + (-num_items % num_replicas), num_replicas)
+
+
+def padding_index(index: int) -> int:
+    """The index a validation sampler yields for a padding copy of `index`: the dataset gives it no targets."""
+    return -1 - index
+
+
+def _served(order: np.ndarray, positions: np.ndarray, weightless_padding: bool) -> np.ndarray:
+    """order[positions], wrapping past the end; wrapped entries as `padding_index` when `weightless_padding`."""
+    picked = order[positions % len(order)]
+    if weightless_padding:
+        picked = np.where(positions < len(order), picked, padding_index(picked))
+    return picked
+
+
 class EpochSampler(Sampler):
     """Yields (epoch, index) so the dataset knows the epoch even inside worker processes.
 
@@ -25,8 +48,11 @@ class EpochSampler(Sampler):
         order=None,
         fixed: bool = False,
         epoch_indices: Callable[[int], np.ndarray] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
     ):
         self.num_samples, self.seed, self.shuffle, self.fixed = num_samples, seed, shuffle, fixed
+        self.num_replicas, self.rank = num_replicas, rank  # DDP: this rank's share of every epoch
         self.order = np.arange(num_samples) if order is None else np.asarray(order)
         self.epoch_indices = epoch_indices
         self.epoch = 0
@@ -37,13 +63,16 @@ class EpochSampler(Sampler):
             self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples if self.epoch_indices is None else len(self.epoch_indices(self.epoch))
+        total = self.num_samples if self.epoch_indices is None else len(self.epoch_indices(self.epoch))
+        return len(rank_share(total, self.num_replicas, self.rank))
 
     def __iter__(self):
         order = self.order if self.epoch_indices is None else np.asarray(self.epoch_indices(self.epoch))
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = order[torch.randperm(len(order), generator=generator).numpy()]
+        if self.num_replicas > 1:
+            order = _served(order, rank_share(len(order), self.num_replicas, self.rank), self.fixed)
         if self.resume and self.resume[0] == self.epoch:  # continue mid-epoch after a restart
             order, self.resume = order[self.resume[1] :], None
         for index in order:
@@ -67,6 +96,8 @@ class TokenBudgetBatchSampler(Sampler):
         shuffle: bool = True,
         fixed: bool = False,
         epoch_indices: Callable[[int], np.ndarray] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
     ):
         if max_tokens < int(lengths.max()):
             raise ConfigError(
@@ -76,6 +107,7 @@ class TokenBudgetBatchSampler(Sampler):
         self.lengths, self.max_tokens, self.seed = np.asarray(lengths), max_tokens, seed
         self.shuffle, self.fixed, self.epoch = shuffle, fixed, 0
         self.epoch_indices = epoch_indices
+        self.num_replicas, self.rank = num_replicas, rank  # DDP: this rank serves batches rank, rank + W, ...
         self._cache: tuple[int, list[np.ndarray]] | None = None
         self.resume: tuple[int, int] | None = None  # (epoch, batches already served in it)
 
@@ -101,12 +133,23 @@ class TokenBudgetBatchSampler(Sampler):
         self._cache = (epoch, batches)
         return batches
 
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of one epoch: every W-th of the shared list, padded to the same count per rank."""
+        batches = self.batches(epoch)
+        if self.num_replicas == 1:
+            return batches
+        positions = rank_share(len(batches), self.num_replicas, self.rank)
+        wrapped = [batches[p % len(batches)] for p in positions]
+        if self.fixed:  # validation: padding batches carry no targets
+            wrapped = [b if p < len(batches) else padding_index(b) for p, b in zip(positions, wrapped)]
+        return wrapped
+
     def __len__(self) -> int:
-        return len(self.batches(self.epoch))
+        return len(self.rank_batches(self.epoch))
 
     def __iter__(self):
         epoch = self.epoch
-        batches = self.batches(epoch)
+        batches = self.rank_batches(epoch)
         if self.resume and self.resume[0] == epoch:  # continue mid-epoch after a restart
             batches, self.resume = batches[self.resume[1] :], None
         for batch in batches:

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .callbacks import Preempted
@@ -102,6 +103,23 @@ def check_checkpoint_matches(cfg: DictConfig) -> None:
         )
 
 
+def num_devices(trainer_cfg: DictConfig) -> int:
+    """Processes per node: `devices` as a count, a list of device ids, or -1 / "auto" (every GPU, else 1)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        return len(devices)
+    return max(torch.cuda.device_count(), 1) if trainer_cfg.get("accelerator") != "cpu" else 1
+
+
+def is_rank_zero() -> bool:
+    """False in the other processes of a distributed run (Lightning's DDP children, SLURM tasks > 0)."""
+    return rank_zero_only.rank == 0
+
+
 def accumulation_steps(cfg: DictConfig) -> int:
     """Micro-batches per update: from data.tokens_per_update when set, else trainer.accumulate_grad_batches."""
     target = cfg.data.get("tokens_per_update")
@@ -109,8 +127,7 @@ def accumulation_steps(cfg: DictConfig) -> int:
         return cfg.trainer.accumulate_grad_batches
     if not cfg.data.get("max_tokens"):
         raise ConfigError("data.tokens_per_update needs a token budget per batch; set data.max_tokens too")
-    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > 0 else 1
-    per_micro_batch = cfg.data.max_tokens * devices * cfg.trainer.get("num_nodes", 1)
+    per_micro_batch = cfg.data.max_tokens * num_devices(cfg.trainer) * cfg.trainer.get("num_nodes", 1)
     return max(1, math.ceil(target / per_micro_batch))
 
 
@@ -180,7 +197,7 @@ def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
 
 def plan_rows(cfg: DictConfig, schedule, accumulate: int, train_tokens: int) -> list[tuple[str, str]]:
     """What will run, resolved: batch size in tokens, accumulation, schedule milestones, epochs implied."""
-    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > 0 else 1
+    devices = num_devices(cfg.trainer)
     per_update = (cfg.data.max_tokens or cfg.data.batch_size * cfg.data.max_length) * devices * accumulate
     per_update *= cfg.trainer.get("num_nodes", 1)
     steps = cfg.trainer.max_steps
@@ -202,27 +219,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_num_threads(cfg.num_threads)
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, unused_path(run_dir / "config.yaml"), resolve=True)  # a resume keeps the original
-    if cfg.get("print_config", True):
+    main_process = is_rank_zero()  # only rank 0 writes the run dir's files and prints; every rank trains
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, unused_path(run_dir / "config.yaml"), resolve=True)  # a resume keeps the original
+    if main_process and cfg.get("print_config", True):
         print_config_tree(cfg)
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     accumulate = accumulation_steps(cfg)
     datamodule.setup()
-    print_plan(plan_rows(cfg, module.schedule, accumulate, int(datamodule.token_lengths("train").sum())))
+    if main_process:
+        print_plan(plan_rows(cfg, module.schedule, accumulate, int(datamodule.token_lengths("train").sum())))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision, accumulate_grad_batches=accumulate
     )
-    plot_lr_curves(
-        [(schedule_label(cfg), module.schedule, cfg.optimizer.lr, cfg.trainer.max_steps)],
-        run_dir / "lr_schedule.png",
-        title="planned learning rate",
-    )
+    if main_process:
+        plot_lr_curves(
+            [(schedule_label(cfg), module.schedule, cfg.optimizer.lr, cfg.trainer.max_steps)],
+            run_dir / "lr_schedule.png",
+            title="planned learning rate",
+        )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except SIGTERMException:
@@ -237,6 +258,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["val/best_loss"] = float(best) if best is not None else metrics.get("val/loss", math.inf)
     metrics["steps"] = trainer.global_step
     metrics["wall_time_s"] = time.monotonic() - started
+    if not trainer.is_global_zero:
+        return metrics
     metrics["lr_audit"] = audit_run(cfg, module.schedule, run_dir, trainer.global_step)
     write_status(run_dir, "completed", **metrics)
     print_summary(metrics, run_dir)
