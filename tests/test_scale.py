@@ -8,14 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
 
-from protein_mlm.data import BUNDLED_FASTA, MaskedSequenceDataset, build_splits, is_val_sequence
+from protein_mlm.data import BUNDLED_FASTA, MaskedSequenceDataset, build_splits, decode_ids, is_val_sequence
+from protein_mlm.errors import ConfigError
 from protein_mlm.fasta import read_fasta
 from protein_mlm.masking import IGNORE_INDEX
 from protein_mlm.samplers import EpochSampler, TokenBudgetBatchSampler
+from protein_mlm.streaming import StreamingFastaDataset
 from protein_mlm.tblog import read_scalars
 from protein_mlm.tokenizer import encode_residues
-from protein_mlm.train import train
+from protein_mlm.train import check_config, train
 
 from .conftest import TINY, run_cli
 
@@ -48,8 +52,13 @@ def reference_splits(train_path: Path, val_path: Path | None, val_fraction: floa
 
 
 def as_tuple(stats):
-    return (stats.train_sequences, stats.val_sequences, stats.duplicates_removed, stats.empty_removed,
-            stats.val_overlap_removed)
+    return (
+        stats.train_sequences,
+        stats.val_sequences,
+        stats.duplicates_removed,
+        stats.empty_removed,
+        stats.val_overlap_removed,
+    )
 
 
 def test_chunked_preprocessing_gives_the_same_ids_in_the_same_order(tmp_path, monkeypatch):
@@ -194,3 +203,75 @@ def test_ddp_two_cpu_processes_share_epochs_and_follow_the_single_process_lr(tin
     single = read_scalars(Path(cfg.paths.output_dir) / "tensorboard")["lr-inverse_sqrt"]
     ddp = read_scalars(run_dir / "tensorboard")["lr-inverse_sqrt"]
     assert ddp == single and [s for s, _ in ddp] == list(range(12))
+
+
+class RecordKeys(StreamingFastaDataset):
+    """The stream's (epoch, record key) pairs instead of masked samples."""
+
+    def __iter__(self):
+        for epoch, key, _ in self.records():
+            yield epoch, key
+
+
+def write_gz_fasta(path: Path, records: list[str], start: int = 0) -> Path:
+    path.write_bytes(gzip.compress("".join(f">r{start + i}\n{s}\n" for i, s in enumerate(records)).encode()))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["one_gzip", "three_shards"])
+def test_streaming_yields_every_record_once_per_epoch_across_workers_and_ranks(tmp_path, layout):
+    rng = np.random.default_rng(0)
+    seqs = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), rng.integers(5, 40))) for _ in range(601)]
+    if layout == "one_gzip":
+        files = [write_gz_fasta(tmp_path / "all.fasta.gz", seqs)]
+    else:
+        files = [write_gz_fasta(tmp_path / f"s{k}.fa.gz", seqs[k::3]) for k in range(3)]
+    for world in (1, 2):
+        seen = []
+        for rank in range(world):
+            stream = RecordKeys(
+                files, 64, seed=0, rank=rank, world_size=world, num_workers=2, shuffle_buffer=50, epochs=2
+            )
+            seen += [(int(e), int(k)) for e, k in DataLoader(stream, batch_size=None, num_workers=2)]
+        assert len(seen) == len(set(seen)) == 2 * 601  # every record exactly once in each of two epochs
+        first = [k for e, k in seen if e == 0]
+        assert first != [k for e, k in seen if e == 1]  # reshuffled per epoch
+
+
+def test_streaming_resume_skips_exactly_the_batches_trained(tmp_path):
+    path = write_gz_fasta(tmp_path / "a.fasta.gz", ["MKTAYIAKQR"[: 1 + i % 10] for i in range(200)])
+    stream = RecordKeys([path], 64, seed=0, num_workers=2, shuffle_buffer=20, epochs=1)
+    full = list(DataLoader(stream, batch_size=4, num_workers=2))
+    stream.skip_batches, stream.batch_size = 7, 4
+    resumed = list(DataLoader(stream, batch_size=4, num_workers=2))
+    # Two workers serve batches in turn, so 7 batches trained resume after 8 (0 or 1 worker: exactly after 7).
+    assert len(resumed) == len(full) - 8 and all((a[1] == b[1]).all() for a, b in zip(full[8:], resumed))
+    full_one = list(DataLoader(RecordKeys([path], 64, seed=0, shuffle_buffer=20, epochs=1), batch_size=4))
+    resumed_one = list(DataLoader(stream, batch_size=4))  # in this process: one reader
+    assert len(resumed_one) == len(full_one) - 7 and all(
+        (a[1] == b[1]).all() for a, b in zip(full_one[7:], resumed_one)
+    )
+
+
+def test_streaming_run_and_its_option_errors(tiny_cfg, tmp_path):
+    rng = np.random.default_rng(0)
+    seqs = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), rng.integers(20, 80))) for _ in range(300)]
+    train_file = write_gz_fasta(tmp_path / "train.fasta.gz", seqs)
+    val_file = write_gz_fasta(tmp_path / "val.fasta.gz", seqs[:30])  # also in train: must not be trained on
+    streaming = ["data.streaming=true", f"data.train_path={train_file}", "data.max_tokens=null", "data.batch_size=8"]
+    with pytest.raises(ConfigError, match="needs data.val_path"):
+        check_config(tiny_cfg(*streaming))
+    with pytest.raises(ConfigError, match="cannot honour data.max_tokens"):
+        check_config(tiny_cfg(*streaming, f"data.val_path={val_file}", "data.max_tokens=512"))
+
+    cfg = tiny_cfg(*streaming, f"data.val_path={val_file}", "data.num_workers=2")
+    dm = instantiate(cfg.data)
+    dm.setup()
+    val = {decode_ids(ids) for ids in dm.splits["val"].with_format("numpy")["input_ids"]}
+    assert len(val) == 30
+    stream = dm._streaming_loader(None).dataset
+    stream.epochs = 1
+    trained = sorted(key for _, key, _ in stream.records())
+    assert trained == list(range(30, 300))  # the 30 validation sequences are left out of training
+    metrics = train(cfg)
+    assert metrics["steps"] == 12 and np.isfinite(metrics["val/loss"])

@@ -25,7 +25,10 @@ from .errors import ConfigError, DataError
 from .fasta import read_fasta
 from .masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
 from .samplers import EpochSampler, TokenBudgetBatchSampler, padding_index
+from .streaming import StreamingFastaDataset, fasta_files
 from .tokenizer import VOCAB, encode_residues
+
+_LETTERS = np.frombuffer("".join(t if len(t) == 1 else "?" for t in VOCAB).encode(), dtype=np.uint8)
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()  # the one-off Arrow conversion is quick; its bars only clutter the log
@@ -175,6 +178,43 @@ def load_splits(
     return splits, stats
 
 
+def load_sequences(path: Path, cache_dir: Path) -> datasets.Dataset:
+    """One FASTA's unique sequences in file order (e.g. the validation file of a streaming run), cached."""
+    target = cache_dir / f"{_cache_key(path, unique_sequences=True)}.arrow"
+    if not target.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}-")
+        os.close(fd)
+        writer = _ArrowSplitWriter(Path(tmp))
+        for residues, _ in _unique_sequences(path, set(), {"records": 0, "empty": 0, "duplicates": 0}):
+            writer.add(residues)
+        if not len(writer.close()):
+            os.unlink(tmp)
+            raise DataError(f"{path} holds no non-empty sequence; pass a FASTA file with sequences")
+        os.replace(tmp, target)  # atomic: a concurrent run reads no half-written file
+    return datasets.Dataset.from_file(str(target))
+
+
+def check_streaming_options(val_path, max_tokens, cluster_map, tokens_per_update) -> None:
+    """data.streaming=true reads the training FASTA once, lazily: refuse the options that need it all up front."""
+    if val_path is None:
+        raise ConfigError(
+            "data.streaming=true needs data.val_path (a held-out split would need a pass over all the data first)"
+        )
+    if max_tokens is not None or tokens_per_update is not None:
+        raise ConfigError(
+            "data.streaming=true cannot honour data.max_tokens / data.tokens_per_update (token-budget batches need "
+            "every length up front); set data.max_tokens=null data.tokens_per_update=null and use data.batch_size"
+        )
+    if cluster_map is not None:
+        raise ConfigError("data.streaming=true cannot sample by cluster (data.cluster_map); set data.cluster_map=null")
+
+
+def decode_ids(ids: np.ndarray) -> bytes:
+    """The residue letters of token ids (the inverse of encode_residues), e.g. to hash a stored sequence."""
+    return _LETTERS[ids].tobytes()
+
+
 def residue_lengths(sequences: datasets.Dataset) -> np.ndarray:
     """Length of every sequence, read from the Arrow offsets without materialising the rows."""
     return pc.list_value_length(sequences.data.column("input_ids")).to_numpy()
@@ -228,8 +268,12 @@ class ProteinDataModule(pl.LightningDataModule):
         cache_dir: str = ".cache/data",
         pin_memory: bool = False,
         cluster_map: str | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 10_000,
     ):
         super().__init__()
+        if streaming:
+            check_streaming_options(val_path, max_tokens, cluster_map, tokens_per_update)
         if max_length < 3:
             raise ConfigError(f"data.max_length={max_length} leaves no room for residues; use at least 3")
         if max_tokens is not None and max_tokens < max_length:
@@ -258,8 +302,13 @@ class ProteinDataModule(pl.LightningDataModule):
                 "idmapping_selected.tab, or data.cluster_map=null for plain sampling"
             )
         self.clusters: ClusterSampler | None = None
+        self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
 
     def setup(self, stage: str | None = None) -> None:
+        if self.streaming and self.splits is None:  # only the validation file is preprocessed
+            self.splits = {"val": load_sequences(self.val_path, self.cache_dir)}
+            self.train_files = fasta_files(self.train_path)
+            return
         if self.splits is None:
             self.splits, self.stats = load_splits(self.train_path, self.val_path, self.val_fraction, self.cache_dir)
             if self.stats.empty_removed:
@@ -281,6 +330,38 @@ class ProteinDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict[str, int]) -> None:
         """On resume, the next train loader skips the batches of the interrupted epoch already trained on."""
         self._resume = dict(state)
+
+    def train_tokens(self) -> int | None:
+        """Tokens per epoch after cropping; None when streaming (unknown until read)."""
+        return None if self.streaming else int(self.token_lengths("train").sum())
+
+    def _streaming_loader(self, resume: dict[str, int] | None) -> DataLoader:
+        num_replicas, rank = self.replicas()
+        val_digests = frozenset(
+            hashlib.blake2b(decode_ids(ids), digest_size=16).digest()
+            for ids in self.splits["val"].with_format("numpy")["input_ids"]
+        )
+        dataset = StreamingFastaDataset(
+            self.train_files,
+            self.max_length,
+            self.seed,
+            self.mask_prob,
+            rank=rank,
+            world_size=num_replicas,
+            num_workers=self.num_workers,
+            shuffle_buffer=self.shuffle_buffer,
+            exclude=val_digests,  # no validation sequence is trained on
+        )
+        dataset.batch_size = self.batch_size
+        if resume:  # one endless Lightning epoch: skip the batches already trained on
+            dataset.skip_batches = resume["batches"]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
 
     def val_unigram_perplexity(self) -> float:
         self.setup()
@@ -340,6 +421,9 @@ class ProteinDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            resume, self._resume = self._resume, None
+            return self._streaming_loader(resume)
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

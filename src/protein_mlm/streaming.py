@@ -1,0 +1,114 @@
+"""FASTA read lazily as an endless stream (`data.streaming=true`), for data too big to preprocess.
+
+The files become a `datasets.IterableDataset` whose shards are (file, part) pairs: a file's part p of P holds its
+records with index % P == p. P is chosen so the shards divide evenly over ranks x DataLoader workers, so a
+directory of shards splits by file (P = 1 when the file count is a multiple of the readers) and a single gzip
+file splits by record index (every reader decompresses the whole file and keeps its own records). `datasets`
+assigns the shards to ranks (`split_dataset_by_node`) and to workers, and shuffles shard order and a buffer
+per epoch. Each reader loops over its shards epoch after epoch, so every rank steps forever, in lockstep, until
+`trainer.max_steps`; crop and mask come from (seed, epoch, record key), as in the preprocessed path.
+"""
+
+import hashlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from .errors import DataError
+from .fasta import read_fasta
+from .masking import crop, mask_tokens, sample_rng
+from .tokenizer import encode_residues
+
+FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fasta.gz", ".fa.gz", ".faa.gz", ".fas.gz")
+RECORD_KEY_BITS = 40  # key = file number << 40 | record number: unique for up to 10^12 records per file
+STREAM_FEATURES = datasets.Features({"key": datasets.Value("int64"), "residues": datasets.Value("binary")})
+
+
+def fasta_files(path: Path) -> list[Path]:
+    """`path` itself, or the FASTA files of a directory of shards in name order."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(FASTA_SUFFIXES))
+    if not files:
+        raise DataError(f"{path} holds no FASTA files ({', '.join(FASTA_SUFFIXES)}); pass a FASTA file or a directory")
+    return files
+
+
+def _shard_records(shards: list[tuple[int, str, int, int]], exclude: frozenset[bytes]) -> Iterator[dict]:
+    """Records of (file number, path, part, parts) shards; empty ones and those in `exclude` (digests) skipped."""
+    for number, path, part, parts in shards:
+        for index, (_, residues) in enumerate(read_fasta(path)):
+            if index % parts != part or not residues:
+                continue
+            if exclude and hashlib.blake2b(residues, digest_size=16).digest() in exclude:
+                continue
+            yield {"key": number << RECORD_KEY_BITS | index, "residues": residues}
+
+
+class StreamingFastaDataset(torch.utils.data.IterableDataset):
+    """Endless masked-LM samples from FASTA files, this rank's and this worker's share of every epoch."""
+
+    def __init__(
+        self,
+        files: list[Path],
+        max_length: int,
+        seed: int,
+        mask_prob: float = 0.15,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 10_000,
+        exclude: frozenset[bytes] = frozenset(),
+        epochs: int | None = None,
+    ):
+        self.max_residues, self.seed, self.mask_prob = max_length - 2, seed, mask_prob
+        self.rank, self.world_size, self.epochs = rank, world_size, epochs
+        self.skip_batches, self.batch_size = 0, 1  # resume: batches of this rank already trained on
+        readers = world_size * max(num_workers, 1)
+        parts = readers // math.gcd(len(files), readers)  # len(files) * parts is a multiple of the readers
+        shards = [(n, str(f), p, parts) for n, f in enumerate(files) for p in range(parts)]
+        stream = datasets.IterableDataset.from_generator(
+            _shard_records, features=STREAM_FEATURES, gen_kwargs={"shards": shards, "exclude": exclude}
+        )
+        if shuffle_buffer > 1:
+            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        self.num_shards = len(shards)
+
+    def _skip(self) -> int:
+        """Records this reader skips on resume.
+
+        DataLoader takes batches from its workers in turn, always starting with worker 0, so the skip is rounded up
+        to a whole round of workers: a resumed run continues up to num_workers - 1 batches later than it stopped
+        (never repeating one); with num_workers=0 or 1 it continues exactly where it stopped.
+        """
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        return -(-self.skip_batches // workers) * self.batch_size
+
+    def records(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(epoch, record key, token ids) of this reader's share, epoch after epoch (`epochs` of them, or forever)."""
+        skip = self._skip()
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            self.stream.set_epoch(epoch)
+            served = False
+            for row in self.stream:
+                served = True
+                if skip:
+                    skip -= 1
+                    continue
+                yield epoch, row["key"], encode_residues(row["residues"])
+            if not served:
+                raise DataError("the streamed FASTA data holds no sequences for this reader; use fewer workers")
+            epoch += 1
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for epoch, key, residues in self.records():
+            rng = sample_rng(self.seed, epoch, key)
+            yield mask_tokens(crop(residues, self.max_residues, rng), rng, mask_prob=self.mask_prob)
