@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from protein_mlm.data import BUNDLED_FASTA, MaskedSequenceDataset, build_splits, decode_ids, is_val_sequence
@@ -21,7 +23,7 @@ from protein_mlm.tblog import read_scalars
 from protein_mlm.tokenizer import encode_residues
 from protein_mlm.train import check_config, train
 
-from .conftest import TINY, run_cli
+from .conftest import TINY, compose_config, run_cli
 
 
 def reference_splits(train_path: Path, val_path: Path | None, val_fraction: float):
@@ -275,3 +277,36 @@ def test_streaming_run_and_its_option_errors(tiny_cfg, tmp_path):
     assert trained == list(range(30, 300))  # the 30 validation sequences are left out of training
     metrics = train(cfg)
     assert metrics["steps"] == 12 and np.isfinite(metrics["val/loss"])
+
+
+@pytest.mark.parametrize("experiment", ["esm2_650m", "esm2_3b"])
+def test_fsdp_config_composes_for_the_big_presets(experiment, tmp_path):
+    """Lightning's FSDP refuses the CPU, so here the config is composed and its strategy built, not run."""
+    from pytorch_lightning.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.esm.modeling_esm import EsmLayer
+
+    from protein_mlm.train import accumulation_steps
+
+    cfg = compose_config(f"experiment={experiment}", "trainer=fsdp", "trainer.strategy.activation_checkpointing=true")
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy.name == "FULL_SHARD"
+    assert isinstance(strategy.kwargs["auto_wrap_policy"], ModuleWrapPolicy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {EsmLayer}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {EsmLayer}
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 8
+    assert accumulation_steps(cfg) == 16  # 2^21 tokens per update / (16,384 tokens x 8 GPUs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs GPUs"):
+            check_config(cfg)
+
+
+def test_memory_formula():
+    from protein_mlm.model import build_model, count_parameters
+    from protein_mlm.parallel import training_state_bytes_per_gpu
+
+    cfg = compose_config("model=esm2_650m")
+    params = count_parameters(build_model(OmegaConf.to_container(cfg.model.architecture), device="meta"))
+    per_gpu = training_state_bytes_per_gpu(params, 8)
+    assert sum(per_gpu.values()) == pytest.approx(16 * params / 8)
+    assert sum(training_state_bytes_per_gpu(params, 8, sharded=False).values()) == 16 * params

@@ -78,6 +78,12 @@ def check_config(cfg: DictConfig) -> None:
         streamed_dir = key == "train_path" and cfg.data.get("streaming") and Path(str(path)).is_dir()
         if path and not Path(path).is_file() and not streamed_dir:
             raise ConfigError(f"data.{key}={path} does not exist; pass the path of a FASTA file (.fasta or .fasta.gz)")
+    strategy = cfg.trainer.get("strategy")
+    if "fsdp" in str(strategy).lower() and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError(
+            "trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU); on CPU use trainer=ddp "
+            "trainer.accelerator=cpu"
+        )
     if cfg.data.get("streaming"):
         data = cfg.data
         check_streaming_options(data.val_path, data.max_tokens, data.get("cluster_map"), data.get("tokens_per_update"))
