@@ -46,3 +46,26 @@ def test_tokens_per_update_sets_accumulation_and_is_shown_in_the_plan(tiny_cfg, 
     assert "accumulate_grad_batches" in plan and "training plan" in plan
     line = next(line for line in plan.splitlines() if "accumulate_grad_batches" in line)
     assert line.split()[-2] == "2"
+
+
+def test_plan_only_prints_the_plan_for_8_gpus_and_trains_nothing(tmp_path, cache_dir):
+    from tests.conftest import run_cli
+
+    result = run_cli(
+        "experiment=esm2_650m",
+        "trainer.devices=8",
+        "plan_only=true",
+        "print_config=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"paths.cache_dir={cache_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.stdout.splitlines() if "│" in line
+    }
+    assert rows["accumulate_grad_batches"] == "16"  # 2^21 tokens / (16,384 x 8 GPUs)
+    assert rows["padded tokens per update (at most)"] == "2,097,152"
+    assert rows["warmup steps / total steps"] == "2,000 / 500,000"
+    assert rows["peak LR / LR at the last step"] == "0.0004 / 4e-05"
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "tensorboard").exists()
