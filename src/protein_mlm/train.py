@@ -15,6 +15,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .callbacks import Preempted
 from .checkpoint import load_checkpoint
+from .data import check_streaming_options
 from .errors import ConfigError
 from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
 from .module import MaskedLMModule
@@ -74,8 +75,18 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.init_from={init_from} holds no config.json; pass a local Hugging Face ESM directory")
     for key in ("train_path", "val_path"):
         path = cfg.data.get(key)
-        if path and not Path(path).is_file():
+        streamed_dir = key == "train_path" and cfg.data.get("streaming") and Path(str(path)).is_dir()
+        if path and not Path(path).is_file() and not streamed_dir:
             raise ConfigError(f"data.{key}={path} does not exist; pass the path of a FASTA file (.fasta or .fasta.gz)")
+    strategy = cfg.trainer.get("strategy")
+    if "fsdp" in str(strategy).lower() and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError(
+            "trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU); on CPU use trainer=ddp "
+            "trainer.accelerator=cpu"
+        )
+    if cfg.data.get("streaming"):
+        data = cfg.data
+        check_streaming_options(data.val_path, data.max_tokens, data.get("cluster_map"), data.get("tokens_per_update"))
     build_schedule(cfg)
     if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:
         log.warning(
@@ -195,7 +206,7 @@ def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
     return problem
 
 
-def plan_rows(cfg: DictConfig, schedule, accumulate: int, train_tokens: int) -> list[tuple[str, str]]:
+def plan_rows(cfg: DictConfig, schedule, accumulate: int, train_tokens: int | None) -> list[tuple[str, str]]:
     """What will run, resolved: batch size in tokens, accumulation, schedule milestones, epochs implied."""
     devices = num_devices(cfg.trainer)
     per_update = (cfg.data.max_tokens or cfg.data.batch_size * cfg.data.max_length) * devices * accumulate
@@ -207,7 +218,7 @@ def plan_rows(cfg: DictConfig, schedule, accumulate: int, train_tokens: int) -> 
         ("accumulate_grad_batches", str(accumulate)),
         ("warmup steps / total steps", f"{cfg.scheduler.get('warmup_steps', 0):,} / {steps:,}"),
         ("peak LR / LR at the last step", f"{cfg.optimizer.lr:.3g} / {cfg.optimizer.lr * schedule(steps - 1):.3g}"),
-        ("epochs max_steps implies (about)", f"{steps * per_update / max(train_tokens, 1):.2f}"),
+        ("epochs max_steps implies (about)", f"{steps * per_update / train_tokens:.2f}" if train_tokens else "-"),
     ]
 
 
@@ -230,14 +241,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("plan_only"):  # the resolved plan alone: no model is built (3B parameters take 12 GB), nothing runs
         datamodule.setup()
         if main_process:
-            tokens = int(datamodule.token_lengths("train").sum())
+            tokens = datamodule.train_tokens()
             print_plan(plan_rows(cfg, build_schedule(cfg), accumulation_steps(cfg), tokens))
         return {}
     module = build_module(cfg)
     accumulate = accumulation_steps(cfg)
     datamodule.setup()
     if main_process:
-        print_plan(plan_rows(cfg, module.schedule, accumulate, int(datamodule.token_lengths("train").sum())))
+        print_plan(plan_rows(cfg, module.schedule, accumulate, datamodule.train_tokens()))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
