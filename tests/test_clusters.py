@@ -232,3 +232,10 @@ def test_missing_map_and_no_overlap_are_one_line_errors(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(DataError, match="does not exist"):
         build_cluster_sampler(tmp_path / "nope.tsv", [["a"]], seed=0)
+
+
+def test_an_epoch_in_the_plan_is_one_member_per_cluster(tmp_path):
+    fasta, mapping, _ = uniref_data(tmp_path, sizes=[30] + [1] * 19)
+    plain, clustered = datamodule(tmp_path, fasta, None), datamodule(tmp_path, fasta, mapping)
+    lengths = clustered.token_lengths("train")
+    assert clustered.train_tokens() == lengths[clustered.clusters.epoch_indices(0)].sum() < plain.train_tokens()

@@ -333,6 +333,8 @@ class ProteinDataModule(pl.LightningDataModule):
 
     def train_tokens(self) -> int | None:
         """Tokens per epoch after cropping; None when streaming (unknown until read)."""
+        if self.clusters is not None:  # an epoch is one member per cluster; epoch 0 stands for all of them
+            return int(self.token_lengths("train")[self.clusters.epoch_indices(0)].sum())
         return None if self.streaming else int(self.token_lengths("train").sum())
 
     def _streaming_loader(self, resume: dict[str, int] | None) -> DataLoader:
