@@ -239,3 +239,11 @@ def test_an_epoch_in_the_plan_is_one_member_per_cluster(tmp_path):
     plain, clustered = datamodule(tmp_path, fasta, None), datamodule(tmp_path, fasta, mapping)
     lengths = clustered.token_lengths("train")
     assert clustered.train_tokens() == lengths[clustered.clusters.epoch_indices(0)].sum() < plain.train_tokens()
+
+
+def test_training_with_a_cluster_map_runs_end_to_end(tiny_cfg, tmp_path):
+    from protein_mlm.train import train
+
+    fasta, mapping, _ = uniref_data(tmp_path, sizes=[1, 2, 3, 4, 5] * 20)
+    cfg = tiny_cfg(f"data.train_path={fasta}", f"data.cluster_map={mapping}", "trainer.max_steps=4")
+    assert train(cfg)["steps"] == 4
