@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
@@ -296,9 +295,25 @@ def test_fsdp_config_composes_for_the_big_presets(experiment, tmp_path):
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {EsmLayer}
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 8
     assert accumulation_steps(cfg) == 16  # 2^21 tokens per update / (16,384 tokens x 8 GPUs)
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="needs GPUs"):
-            check_config(cfg)
+    with pytest.raises(ConfigError, match="needs GPUs"):
+        check_config(compose_config(f"experiment={experiment}", "trainer=fsdp", "trainer.accelerator=cpu"))
+
+
+def test_slurm_experiment_sizes_the_job_from_the_trainer():
+    from protein_mlm.cli import compose_checked
+    from protein_mlm.train import accumulation_steps
+
+    cfg = compose_checked(
+        "train", ["experiment=slurm_multinode", "trainer.num_nodes=4", "hydra.launcher.partition=gpu"]
+    )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (4, 8, 8)
+    assert cfg.trainer.strategy._target_.endswith("DDPStrategy") and cfg.model.name == "esm2_650m"
+    assert accumulation_steps(cfg) == 4  # 2^21 tokens per update / (16,384 tokens x 8 GPUs x 4 nodes)
+    cfg = compose_checked("train", ["experiment=slurm_multinode", "model=esm2_3b", "trainer=fsdp"])
+    assert cfg.trainer.strategy._target_ == "protein_mlm.parallel.fsdp_strategy" and cfg.trainer.num_nodes == 2
+    check_config(cfg)  # no GPU needed to submit
 
 
 def test_memory_formula():

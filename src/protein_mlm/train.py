@@ -79,7 +79,7 @@ def check_config(cfg: DictConfig) -> None:
         if path and not Path(path).is_file() and not streamed_dir:
             raise ConfigError(f"data.{key}={path} does not exist; pass the path of a FASTA file (.fasta or .fasta.gz)")
     strategy = cfg.trainer.get("strategy")
-    if "fsdp" in str(strategy).lower() and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()):
+    if "fsdp" in str(strategy).lower() and cfg.trainer.accelerator == "cpu":  # (a SLURM login node has no GPU)
         raise ConfigError(
             "trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU); on CPU use trainer=ddp "
             "trainer.accelerator=cpu"
