@@ -80,7 +80,7 @@ def test_chunked_preprocessing_gives_the_same_ids_in_the_same_order(tmp_path, mo
     train.write_bytes(gzip.compress("".join(f">r{i}\n{records[i]}\n" for i in order).encode()))
     val = tmp_path / "v.fasta"
     val.write_text("".join(f">v{i}\n{s}\n" for i, s in enumerate(seqs[5:300:3] + ["MKV", "MKV"])))
-    for val_path in (None, val):
+    for val_path in (None, val):  # 777-record chunks: duplicates across chunks and within one
         expected, expected_stats = reference_splits(train, val_path, 0.1)
         splits, stats = build_splits(train, val_path, 0.1)
         assert as_tuple(stats) == expected_stats
@@ -196,6 +196,7 @@ def test_ddp_two_cpu_processes_share_epochs_and_follow_the_single_process_lr(tin
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()].count("ddp") == 1
     assert not list(tmp_path.glob("outputs"))
     assert (run_dir / "status.json").is_file() and not list(run_dir.glob("config-resume-*.yaml"))
+    assert (run_dir / "train.log").is_file() and (run_dir / "train_ddp_process_1.log").is_file()
     assert len(list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))) == 1
     assert result.stdout.count("val/perplexity") == 1  # one summary line
 

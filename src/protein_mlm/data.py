@@ -56,30 +56,78 @@ def is_val_sequence(residues: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
-def _unique_sequences(path: Path, seen: set[bytes], counts: dict[str, int]) -> Iterator[tuple[bytes, bytes]]:
-    """(residues, 16-byte digest) of a FASTA's records in file order, exact duplicates and empty records dropped.
+class DigestSet:
+    """A set of 16-byte digests held as a few sorted numpy runs: 16 bytes per entry (a Python set needs ~150).
 
-    Duplicates are found by digest, not by keeping the sequences: memory grows by ~100 bytes per unique sequence
-    (the set entry), not by its length. `counts` gains the records read, the empty ones and the duplicates.
+    Each `add` appends a sorted run; equal-sized neighbours are merged (as an LSM tree), so there are O(log n)
+    runs to search and the merges cost O(n log n) in all.
     """
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []  # dtype S16, each sorted
+
+    def __len__(self) -> int:
+        return sum(len(run) for run in self.runs)
+
+    def contains(self, digests: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(digests), dtype=bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, digests), len(run) - 1)
+            found |= run[at] == digests
+        return found
+
+    def add(self, digests: np.ndarray) -> np.ndarray:
+        """Add `digests`; True at the first occurrence of each one that was not in the set yet."""
+        _, first = np.unique(digests, return_index=True)
+        first = first[~self.contains(digests[first])]
+        new = np.zeros(len(digests), dtype=bool)
+        new[first] = True
+        if len(first):
+            self.runs.append(np.sort(digests[first]))
+            while len(self.runs) > 1 and len(self.runs[-2]) <= len(self.runs[-1]):
+                self.runs[-2:] = [np.sort(np.concatenate(self.runs[-2:]), kind="stable")]  # timsort: linear here
+        return new
+
+
+def _unique_sequences(
+    path: Path, seen: DigestSet, counts: dict[str, int], exclude: DigestSet | None = None
+) -> Iterator[bytes]:
+    """Residue strings of a FASTA in file order, exact duplicates, empty records and those in `exclude` dropped.
+
+    Duplicates are found by 16-byte blake2b digest, a chunk of records at a time, not by keeping the sequences.
+    `counts` gains the records read, the empty ones, the duplicates and the excluded ones.
+    """
+    chunk: list[bytes] = []
     for _, residues in read_fasta(path):
         counts["records"] += 1
         if not residues:
             counts["empty"] += 1
             continue
-        digest = hashlib.blake2b(residues, digest_size=16).digest()
-        if digest in seen:
-            counts["duplicates"] += 1
-            continue
-        seen.add(digest)
-        yield residues, digest
+        chunk.append(residues)
+        if len(chunk) >= CHUNK_RECORDS:
+            yield from _first_seen(chunk, seen, counts, exclude)
+            chunk = []
+    yield from _first_seen(chunk, seen, counts, exclude)
+
+
+def _first_seen(chunk: list[bytes], seen: DigestSet, counts: dict[str, int], exclude: DigestSet | None):
+    if not chunk:
+        return
+    digests = np.array([hashlib.blake2b(r, digest_size=16).digest() for r in chunk], dtype="S16")
+    keep = seen.add(digests)
+    counts["duplicates"] += len(chunk) - int(keep.sum())
+    if exclude is not None:
+        excluded = keep & exclude.contains(digests)
+        counts["excluded"] = counts.get("excluded", 0) + int(excluded.sum())
+        keep &= ~excluded
+    yield from (residues for residues, k in zip(chunk, keep) if k)
 
 
 class _ArrowSplitWriter:
     """Appends residue strings to an Arrow file in chunks: one vectorised lookup per chunk, uint8 ids on disk."""
 
-    def __init__(self, path: Path, chunk_records: int = CHUNK_RECORDS):
-        self.path, self.chunk_records = path, chunk_records
+    def __init__(self, path: Path):
+        self.path, self.chunk_records = path, CHUNK_RECORDS
         self.writer = ArrowWriter(features=FEATURES, path=str(path))
         self.pending: list[bytes] = []
         self.count = 0
@@ -122,25 +170,21 @@ def build_splits(
     """Read, deduplicate and split; with a separate val file, drop its sequences from train (no leakage).
 
     One streaming pass per file writes `train.arrow` / `val.arrow` into `out_dir` (a new temporary dir by
-    default) in file order, so peak memory does not grow with sequence length or file size beyond the digests.
+    default) in file order; memory grows only by the 16-byte digest of each unique sequence.
     """
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="protein_mlm-splits-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     writers = {name: _ArrowSplitWriter(out_dir / f"{name}.arrow") for name in ("train", "val")}
-    counts = {"records": 0, "empty": 0, "duplicates": 0}
-    overlap = 0
+    counts = {"records": 0, "empty": 0, "duplicates": 0, "excluded": 0}
     if val_path is None:
-        for residues, _ in _unique_sequences(train_path, set(), counts):
+        for residues in _unique_sequences(train_path, DigestSet(), counts):
             writers["val" if is_val_sequence(residues, val_fraction) else "train"].add(residues)
     else:
-        val_digests: set[bytes] = set()
-        for residues, _ in _unique_sequences(val_path, val_digests, {"records": 0, "empty": 0, "duplicates": 0}):
+        val_digests = DigestSet()
+        for residues in _unique_sequences(val_path, val_digests, {"records": 0, "empty": 0, "duplicates": 0}):
             writers["val"].add(residues)
-        for residues, digest in _unique_sequences(train_path, set(), counts):
-            if digest in val_digests:
-                overlap += 1
-            else:
-                writers["train"].add(residues)
+        for residues in _unique_sequences(train_path, DigestSet(), counts, exclude=val_digests):
+            writers["train"].add(residues)
     splits = {name: writer.close() for name, writer in writers.items()}
     if not len(splits["train"]) or not len(splits["val"]):
         which = "training" if not len(splits["train"]) else "validation"
@@ -148,7 +192,9 @@ def build_splits(
             f"the {which} split of {train_path} is empty; give more sequences, "
             "change data.val_fraction or pass data.val_path"
         )
-    stats = SplitStats(len(splits["train"]), len(splits["val"]), counts["duplicates"], counts["empty"], overlap)
+    stats = SplitStats(
+        len(splits["train"]), len(splits["val"]), counts["duplicates"], counts["empty"], counts["excluded"]
+    )
     return splits, stats
 
 
@@ -186,7 +232,7 @@ def load_sequences(path: Path, cache_dir: Path) -> datasets.Dataset:
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}-")
         os.close(fd)
         writer = _ArrowSplitWriter(Path(tmp))
-        for residues, _ in _unique_sequences(path, set(), {"records": 0, "empty": 0, "duplicates": 0}):
+        for residues in _unique_sequences(path, DigestSet(), {"records": 0, "empty": 0, "duplicates": 0}):
             writer.add(residues)
         if not len(writer.close()):
             os.unlink(tmp)
