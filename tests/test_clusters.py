@@ -247,3 +247,17 @@ def test_training_with_a_cluster_map_runs_end_to_end(tiny_cfg, tmp_path):
     fasta, mapping, _ = uniref_data(tmp_path, sizes=[1, 2, 3, 4, 5] * 20)
     cfg = tiny_cfg(f"data.train_path={fasta}", f"data.cluster_map={mapping}", "trainer.max_steps=4")
     assert train(cfg)["steps"] == 4
+
+
+def test_fixed_batch_size_sampler_serves_one_member_per_cluster_too(tmp_path):
+    fasta, mapping, cluster_of = uniref_data(tmp_path)
+    dm = datamodule(tmp_path, fasta, mapping)
+    dm.max_tokens = None  # data.max_tokens=null: EpochSampler with data.batch_size
+    clusters = row_clusters(dm, cluster_of)
+    sampler = dm.train_dataloader().sampler
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        rows = [index for _, index in sampler]
+        assert len(sampler) == len(rows) == 20
+        assert sorted(rows) == sorted(dm.clusters.epoch_indices(epoch).tolist())
+        assert len({clusters[r] for r in rows}) == 20
