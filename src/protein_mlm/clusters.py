@@ -47,31 +47,32 @@ def _open_text(path: Path):
 def _pairs(path: Path):
     """(line number, cluster, member) for every mapping line, in either format; blank and '#' lines skipped."""
     columns = None  # 2 = cluster<TAB>member, else idmapping_selected.tab
-    for line_no, line in enumerate(_open_text(path), start=1):
-        line = line.rstrip("\r\n")
-        if not line.strip() or line.startswith("#"):
-            continue
-        fields = line.split("\t")
-        if columns is None:
-            columns = 2 if len(fields) == 2 else len(fields)
-            if columns != 2 and columns <= IDMAPPING_CLUSTER_COLUMN:
-                raise DataError(
-                    f"{path}:{line_no}: {len(fields)} tab-separated columns; a cluster map is `cluster<TAB>member` "
-                    "(2 columns) or UniProt's idmapping_selected.tab (UniRef90 in column 9, UniRef50 in column 10)"
-                )
-        if columns == 2:
-            if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
-                raise DataError(f"{path}:{line_no}: expected `cluster<TAB>member`, got {line[:80]!r}")
-            yield line_no, fields[0].strip(), fields[1].strip()
-        else:
-            if len(fields) <= IDMAPPING_CLUSTER_COLUMN:
-                raise DataError(
-                    f"{path}:{line_no}: {len(fields)} columns where idmapping_selected.tab has {columns}; "
-                    "is the file truncated or mixed with another format?"
-                )
-            member, cluster = fields[IDMAPPING_MEMBER_COLUMN].strip(), fields[IDMAPPING_CLUSTER_COLUMN].strip()
-            if member and cluster:  # an entry without UniRef clusters cannot be sampled by cluster
-                yield line_no, cluster, member
+    with _open_text(path) as handle:
+        for line_no, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            fields = line.split("\t")
+            if columns is None:
+                columns = 2 if len(fields) == 2 else len(fields)
+                if columns != 2 and columns <= IDMAPPING_CLUSTER_COLUMN:
+                    raise DataError(
+                        f"{path}:{line_no}: {len(fields)} tab-separated columns; a cluster map is `cluster<TAB>member` "
+                        "(2 columns) or UniProt's idmapping_selected.tab (UniRef90 in column 9, UniRef50 in column 10)"
+                    )
+            if columns == 2:
+                if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+                    raise DataError(f"{path}:{line_no}: expected `cluster<TAB>member`, got {line[:80]!r}")
+                yield line_no, fields[0].strip(), fields[1].strip()
+            else:
+                if len(fields) <= IDMAPPING_CLUSTER_COLUMN:
+                    raise DataError(
+                        f"{path}:{line_no}: {len(fields)} columns where idmapping_selected.tab has {columns}; "
+                        "is the file truncated or mixed with another format?"
+                    )
+                member, cluster = fields[IDMAPPING_MEMBER_COLUMN].strip(), fields[IDMAPPING_CLUSTER_COLUMN].strip()
+                if member and cluster:  # an entry without UniRef clusters cannot be sampled by cluster
+                    yield line_no, cluster, member
 
 
 def read_cluster_map(path: str | Path, wanted: set[str] | None = None) -> tuple[dict[str, list[str]], int]:
