@@ -261,3 +261,11 @@ def test_fixed_batch_size_sampler_serves_one_member_per_cluster_too(tmp_path):
         assert len(sampler) == len(rows) == 20
         assert sorted(rows) == sorted(dm.clusters.epoch_indices(epoch).tolist())
         assert len({clusters[r] for r in rows}) == 20
+
+
+def test_a_binary_map_is_a_one_line_error(tmp_path):
+    path = tmp_path / "map.bin"
+    path.write_bytes(b"C1\tA\n\xff\xfe\x00\x01\n")
+    with pytest.raises(DataError, match="cannot read .*map.bin as a text cluster map") as info:
+        read_cluster_map(path)
+    assert "\n" not in str(info.value)
