@@ -120,6 +120,20 @@ def test_ranks_get_disjoint_equal_shares_of_each_epoch(world):
         assert sum(map(len, orders)) - 1001 == -1001 % world  # only the padding repeats
 
 
+def test_a_resumed_rank_skips_its_own_batches_already_trained():
+    """The DataModule's resume state counts this rank's batches; each rank skips exactly its own."""
+    lengths = np.random.default_rng(0).integers(10, 300, size=500)
+    for rank in (0, 1):
+        full = [[i for _, i in b] for b in TokenBudgetBatchSampler(lengths, 1024, 0, num_replicas=2, rank=rank)]
+        resumed = TokenBudgetBatchSampler(lengths, 1024, 0, num_replicas=2, rank=rank)
+        resumed.resume = (0, 5)
+        assert [[i for _, i in b] for b in resumed] == full[5:]
+        sampler = EpochSampler(500, 0, num_replicas=2, rank=rank)
+        order = [i for _, i in sampler]
+        sampler.resume = (0, 40)  # 5 batches of 8 samples
+        assert [i for _, i in sampler] == order[40:]
+
+
 def test_validation_shards_pad_with_weightless_samples(cache_dir):
     from protein_mlm.data import ProteinDataModule
 
