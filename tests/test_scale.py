@@ -168,8 +168,9 @@ class RecordShards(pl.Callback):
         record = {
             "world_size": trainer.world_size,
             "num_batches": len(trainer.train_dataloader),
-            "train": [int(i) for batch in train_sampler.rank_batches(0) for i in batch],
+            "train": [[int(i) for i in batch] for batch in train_sampler.rank_batches(0)],
             "train_total_batches": len(train_sampler.batches(0)),
+            "train_samples": len(train_sampler.lengths),
             "val": [int(i) for batch in val_sampler.rank_batches(0) for i in batch],
             "pid": os.getpid(),
         }
@@ -199,10 +200,14 @@ def test_ddp_two_cpu_processes_share_epochs_and_follow_the_single_process_lr(tin
     ranks = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["pid"] != ranks[1]["pid"]
     assert ranks[0]["num_batches"] == ranks[1]["num_batches"]
-    train0, train1 = set(ranks[0]["train"]), set(ranks[1]["train"])
-    padded = ranks[0]["train_total_batches"] % 2  # an odd batch count: rank 1 repeats the epoch's first batch
-    assert padded or not train0 & train1
-    assert len(ranks[0]["train"]) + len(ranks[1]["train"]) == len(train0 | train1) + len(train0 & train1)
+    batches0, batches1 = ranks[0]["train"], ranks[1]["train"]
+    if ranks[0]["train_total_batches"] % 2:  # an odd batch count: rank 1 pads with the epoch's first batch
+        assert batches1[-1] == batches0[0]
+        batches1 = batches1[:-1]
+    train0, train1 = {i for b in batches0 for i in b}, {i for b in batches1 for i in b}
+    assert not train0 & train1  # disjoint, apart from that padding
+    assert sum(map(len, batches0 + batches1)) == len(train0 | train1)  # no sample twice within a rank either
+    assert train0 | train1 == set(range(ranks[0]["train_samples"]))  # together they cover the epoch
     val = sorted(i for r in ranks for i in r["val"] if i >= 0)  # negative: weightless padding
     assert val == list(range(len(val)))  # every validation sample once, on one rank
 
