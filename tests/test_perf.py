@@ -1,14 +1,17 @@
 """FLOP counting against PyTorch's FlopCounterMode, MFU peaks, and the performance switches training with them."""
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from protein_mlm.errors import ConfigError
 from protein_mlm.model import build_model
 from protein_mlm.perf import flops_per_step, lookup_peak_tflops, resolve_peak_tflops
 from protein_mlm.tblog import read_scalars
-from protein_mlm.train import train
+from protein_mlm.train import build_module, check_config, train
 
 ARCH = dict(
     num_hidden_layers=2,
@@ -94,3 +97,42 @@ def test_compiled_model_trains_and_keeps_checkpoint_keys(tiny_cfg, tmp_path):
     train(tiny_cfg("model.compile=true", "trainer.max_steps=6", "trainer.val_check_interval=3"))
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in k for k in state)
+
+
+class RecordGradNorm(pl.Callback):
+    """The global gradient norm the optimizer stepped with (zero_grad comes after the step)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fused_adamw_gradients_are_clipped(tiny_cfg, precision):
+    """Lightning refuses to clip for fused optimizers under AMP; the module clips itself (no scaler in bf16)."""
+    cfg = tiny_cfg(f"trainer.precision={precision}", "trainer.gradient_clip_val=0.001")
+    assert cfg.optimizer.fused
+    recorder = RecordGradNorm()
+    datamodule = instantiate(cfg.data)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_steps=3,
+        gradient_clip_val=0.001,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(build_module(cfg), datamodule=datamodule)
+    assert len(recorder.norms) == 3 and max(recorder.norms) <= 0.001 * (1 + 1e-4)
+
+
+def test_fp16_with_fused_optimizer_and_clipping_is_a_config_error(tiny_cfg):
+    with pytest.raises(ConfigError, match="optimizer.fused=false"):
+        check_config(tiny_cfg("trainer.precision=16-mixed"))
+    check_config(tiny_cfg("trainer.precision=16-mixed", "optimizer.fused=false"))

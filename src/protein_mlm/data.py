@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytorch_lightning as pl
+import torch
 from datasets.arrow_writer import ArrowWriter
 from torch.utils.data import DataLoader, Dataset
 
@@ -312,7 +313,7 @@ class ProteinDataModule(pl.LightningDataModule):
         mask_prob: float = 0.15,
         seed: int = 0,
         cache_dir: str = ".cache/data",
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         cluster_map: str | None = None,
         streaming: bool = False,
         shuffle_buffer: int = 10_000,
@@ -337,7 +338,9 @@ class ProteinDataModule(pl.LightningDataModule):
         self.max_tokens = max_tokens
         self.tokens_per_update = tokens_per_update  # read by train() to derive gradient accumulation
         self.num_workers, self.mask_prob, self.seed = num_workers, mask_prob, seed
-        self.cache_dir, self.pin_memory = Path(cache_dir), pin_memory
+        self.cache_dir = Path(cache_dir)
+        # Page-locked batches copy to a GPU asynchronously; on a CPU-only machine pinning only costs memory.
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.splits: dict[str, datasets.Dataset] | None = None
         self.stats: SplitStats | None = None
         self._resume: dict[str, int] | None = None

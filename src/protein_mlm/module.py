@@ -7,6 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
@@ -159,6 +160,20 @@ class MaskedLMModule(pl.LightningModule):
         # Steps come from the config, never trainer.estimated_stepping_batches (Lightning #20550).
         scheduler = {"scheduler": lambda_scheduler(optimizer, self.schedule), **(self.hparams.lr_scheduler or {})}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip the global norm ourselves when no loss scaler is in play (fp32, bf16-mixed) on one device or DDP.
+
+        Lightning refuses to clip for a fused optimizer under any mixed-precision plugin, bf16 included, because
+        with fp16's GradScaler the fused step unscales internally; bf16 has no scaler, so clipping is safe.
+        """
+        plain = isinstance(self.trainer.strategy, SingleDeviceStrategy | DDPStrategy)
+        no_scaler = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        if gradient_clip_val and plain and no_scaler and gradient_clip_algorithm in (None, "norm"):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen

@@ -19,6 +19,7 @@ from .data import check_streaming_options
 from .errors import ConfigError
 from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
 from .module import MaskedLMModule
+from .perf import resolve_peak_tflops
 from .reporting import print_config_tree, print_plan, print_summary
 from .sweep import write_status
 from .tblog import read_scalars
@@ -50,12 +51,15 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def uses_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     """`auto`: bf16-mixed where the hardware runs it natively (recent GPUs, AVX512-BF16/AMX CPUs), else fp32."""
     if precision != "auto":
         return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if on_gpu:
+    if uses_gpu(accelerator):
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
@@ -87,6 +91,12 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.data.get("streaming"):
         data = cfg.data
         check_streaming_options(data.val_path, data.max_tokens, data.get("cluster_map"), data.get("tokens_per_update"))
+    fp16 = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator) in ("16-mixed", 16, "16")
+    if fp16 and cfg.optimizer.get("fused") and cfg.trainer.get("gradient_clip_val"):
+        raise ConfigError(
+            "a fused optimizer unscales fp16 gradients inside its step, so they cannot be clipped before it; "
+            "set optimizer.fused=false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
+        )
     build_schedule(cfg)
     if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:
         log.warning(
@@ -168,6 +178,13 @@ def build_module(cfg: DictConfig) -> MaskedLMModule:
         run_config=OmegaConf.to_container(cfg, resolve=True),
         inject_nan_at_step=cfg.faults.inject_nan_at_step,
         init_from=cfg.model.get("init_from"),
+        activation_checkpointing=cfg.model.get("activation_checkpointing", False),
+        compile=cfg.model.get("compile", False),
+        peak_tflops=resolve_peak_tflops(
+            cfg.get("perf", {}).get("peak_tflops"),
+            resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+            uses_gpu(cfg.trainer.accelerator),
+        ),
     )
 
 

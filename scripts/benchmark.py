@@ -1,0 +1,316 @@
+"""Training throughput: Hugging Face Trainer (run_mlm-style) baselines vs this project, same model, same data.
+
+    python scripts/benchmark.py                       # esm2_8m on this machine, 60 s per row
+    python scripts/benchmark.py --model esm2_150m --rows hf,hf_tuned,ours,ours_16k --seconds 30
+
+Every row runs in its own process (so peak RSS and GPU memory are its own) on the bundled Swiss-Prot training
+split, every sequence cut to --max-length tokens (HF rows truncate, ours crops at random, as each does in
+training), and is timed for --seconds after --warmup-steps optimizer steps. Tokenization happens before the
+clock starts for every row. Rows:
+  hf        HF Trainer + DataCollatorForLanguageModeling: fixed batch size, pad to longest, random order, fp32
+  hf_tuned  the same with train_sampling_strategy="group_by_length" and bf16
+  ours      this project's defaults: token-budget batches (data.max_tokens), trainer.precision=auto
+  ours_fp32 / ours_bf16 / ours_compile / ours_16k   ours with 32-true / bf16-mixed / model.compile / max_tokens 16384
+The table (markdown) goes to stdout and to --out (default benchmarks/results-<device>.md).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = {  # row -> overrides on top of the training config's defaults
+    "ours": [],
+    "ours_fp32": ["trainer.precision=32-true"],
+    "ours_bf16": ["trainer.precision=bf16-mixed"],
+    "ours_compile": ["model.compile=true"],
+    "ours_16k": ["data.max_tokens=16384"],
+}
+HF = {  # row -> TrainingArguments that differ
+    "hf": dict(bf16=False, train_sampling_strategy="random"),
+    "hf_tuned": dict(bf16=True, train_sampling_strategy="group_by_length"),
+}
+
+
+def compose(model: str, max_length: int, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("train", overrides=[f"model={model}", f"data.max_length={max_length}", *overrides])
+
+
+class Clock:
+    """Counts real/padded tokens and squared lengths of each step's batch; times the steps after warm-up."""
+
+    def __init__(self, warmup_steps: int, seconds: float):
+        self.warmup_steps, self.seconds = warmup_steps, seconds
+        self.batches: list[tuple[int, int, int]] = []  # (real, padded, sum of squared lengths) per batch served
+        self.steps, self.start, self.elapsed = 0, None, 0.0
+
+    def record_batch(self, attention_mask) -> None:
+        lengths = attention_mask.sum(1)
+        self.batches.append((int(lengths.sum()), attention_mask.numel(), int(lengths.square().sum())))
+
+    def step_done(self) -> bool:
+        """Call after each optimizer step; True once the timed window is over."""
+        import torch
+
+        self.steps += 1
+        if self.steps == self.warmup_steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+        elif self.start is not None and time.perf_counter() - self.start >= self.seconds:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.elapsed = time.perf_counter() - self.start
+            return True
+        return False
+
+    def result(self) -> dict:
+        timed = self.batches[self.warmup_steps : self.steps]  # batch i is consumed by step i (no accumulation)
+        real, padded, squares = (sum(b[i] for b in timed) for i in range(3))
+        return dict(steps=len(timed), seconds=self.elapsed, real=real, padded=padded, squares=squares)
+
+
+def train_split(max_length: int):
+    """The bundled training split (token ids without <cls>/<eos>), as the project caches it."""
+    from protein_mlm.data import ProteinDataModule
+
+    datamodule = ProteinDataModule(max_length=max_length, cache_dir=str(ROOT / ".cache" / "data"))
+    datamodule.setup()
+    return datamodule.splits["train"]
+
+
+def run_hf(name: str, model_name: str, max_length: int, batch_size: int, clock: Clock) -> dict:
+    """run_mlm.py's recipe: tokenizer truncation, DataCollatorForLanguageModeling, Trainer."""
+    import datasets
+    import torch
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+    from protein_mlm.model import build_model
+    from protein_mlm.tokenizer import CLS_ID, EOS_ID, load_tokenizer
+
+    cfg = compose(model_name, max_length, [])
+    model = build_model(dict(cfg.model.architecture))
+    tokenizer = load_tokenizer()
+    # What the tokenizer gives with truncation=True, max_length=max_length; built from the cached ids for speed.
+    rows = train_split(max_length).with_format("numpy")["input_ids"]
+    examples = datasets.Dataset.from_dict(
+        {"input_ids": [[CLS_ID, *r[: max_length - 2].tolist(), EOS_ID] for r in rows]}
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+
+    def collate(features):
+        batch = collator(features)
+        clock.record_batch(batch["attention_mask"])
+        return batch
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = clock.step_done()
+
+    args = TrainingArguments(
+        output_dir=str(ROOT / ".cache" / "benchmark-hf"),
+        per_device_train_batch_size=batch_size,
+        max_steps=10**7,
+        learning_rate=4e-4,
+        weight_decay=0.01,
+        adam_beta2=0.98,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+        **HF[name],
+    )
+    Trainer(model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[StopAfter()]).train()
+    return clock.result()
+
+
+def run_ours(name: str, model_name: str, max_length: int, clock: Clock, extra: list[str]) -> dict:
+    """This project's DataModule + LightningModule + Trainer, without checkpoints, validation or loggers."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from protein_mlm.train import accumulation_steps, build_module, resolve_precision
+
+    paths = [f"paths.cache_dir={ROOT / '.cache' / 'data'}", f"paths.output_dir={ROOT / '.cache' / 'benchmark-ours'}"]
+    cfg = compose(model_name, max_length, [*OURS[name], *paths, *extra])
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+
+    class StopAfter(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock.record_batch(batch["attention_mask"])
+
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = clock.step_done()
+
+    trainer = pl.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        max_steps=10**7,
+        accumulate_grad_batches=accumulation_steps(cfg),
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StopAfter()],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return clock.result()
+
+
+def precision_of(row: str, on_gpu: bool) -> str:
+    from protein_mlm.train import cpu_supports_bf16
+
+    if row == "hf" or row == "ours_fp32":
+        return "32-true"
+    if row.startswith("ours") and row != "ours_bf16" and not on_gpu and not cpu_supports_bf16():
+        return "32-true"
+    return "bf16-mixed"
+
+
+def run_row(args) -> None:
+    """Child process: one row, its result as JSON on the last stdout line."""
+    import torch
+
+    torch.manual_seed(0)
+    clock = Clock(args.warmup_steps, args.seconds)
+    if args.row in HF:
+        result = run_hf(args.row, args.model, args.max_length, args.batch_size, clock)
+    else:
+        result = run_ours(args.row, args.model, args.max_length, clock, args.set)
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def matmul_peak_tflops(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
+    """Measured dense matmul rate: the CPU's practical peak (datasheets give no single number for CPUs)."""
+    import torch
+
+    dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def table(results: dict[str, dict], peaks: dict[str, float], params: int, arch: dict, on_gpu: bool) -> str:
+    """Markdown: throughput, padding, memory, MFU and the speed-up over the `hf` row."""
+    from protein_mlm.perf import flops_per_step
+
+    base = results.get("hf", {}).get("real_per_s")
+    lines = [
+        "| row | precision | real tok/s | padded tok/s | padding eff. | peak RSS GiB | peak GPU GiB | MFU | x hf |",
+        "|" + "---|" * 9,
+    ]
+    for row, r in results.items():
+        if "error" in r:
+            lines.append(f"| {row} | | failed: {r['error']} | | | | | | |")
+            continue
+        precision = precision_of(row, on_gpu)
+        flops = flops_per_step(params, arch["num_hidden_layers"], arch["hidden_size"], r["real"], r["squares"])
+        mfu = f"{flops / r['seconds'] / (peaks[precision] * 1e12):.1%}" if peaks.get(precision) else "-"
+        gpu = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
+        speedup = f"{r['real_per_s'] / base:.2f}" if base else "-"
+        lines.append(
+            f"| {row} | {precision} | {r['real_per_s']:,.0f} | {r['padded'] / r['seconds']:,.0f} | "
+            f"{r['real'] / r['padded']:.2f} | {r['peak_rss_gib']:.2f} | {gpu} | {mfu} | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="esm2_8m", help="model preset (configs/model/)")
+    parser.add_argument("--rows", default="hf,hf_tuned,ours,ours_fp32", help="comma-separated rows, in order")
+    parser.add_argument("--seconds", type=float, default=60.0, help="timed seconds per row, after warm-up")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="untimed optimizer steps first")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence for every row")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch of the HF rows")
+    parser.add_argument("--out", type=Path, help="markdown file (default benchmarks/results-<device>.md)")
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for the ours* rows")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    args = parser.parse_args()
+    if args.row:
+        return run_row(args)
+
+    import torch
+
+    from protein_mlm.model import build_model
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        from protein_mlm.perf import lookup_peak_tflops
+
+        name = torch.cuda.get_device_name()
+        peaks = {p: lookup_peak_tflops(name, p) for p in ("32-true", "bf16-mixed")}
+        peak_note = f"datasheet dense peaks of the {name}"
+    else:
+        peaks = {p: matmul_peak_tflops(p) for p in ("32-true", "bf16-mixed")}
+        peak_note = "this CPU's measured 2048x2048 matmul rate (fp32 / bf16)"
+    arch = dict(compose(args.model, args.max_length, []).model.architecture)
+    params = sum(p.numel() for p in build_model(arch, device="meta").parameters() if p.requires_grad)
+    slug = "".join(c if c.isalnum() else "-" for c in (torch.cuda.get_device_name() if on_gpu else "cpu").lower())
+    out = args.out or ROOT / "benchmarks" / f"results-{slug}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = [
+        f"# Throughput: {args.model}, sequences cut to {args.max_length} tokens, bundled Swiss-Prot",
+        "",
+        f"Device: {device_name()}; torch {torch.__version__}. Each row: {args.warmup_steps} warm-up steps, then "
+        f"{args.seconds:g} s timed. HF rows: batch {args.batch_size}. MFU against {peak_note}: "
+        + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items() if v),
+        "",
+        f"Command: `{' '.join(['python scripts/benchmark.py', *sys.argv[1:]])}`",
+        "",
+    ]
+    results: dict[str, dict] = {}
+    for row in args.rows.split(","):
+        results[row] = run_in_child(row)
+        print(f"{row}: {results[row]}", file=sys.stderr, flush=True)
+        text = "\n".join([*header, table(results, peaks, params, arch, on_gpu), ""])
+        out.write_text(text)  # after every row, so an interrupted benchmark keeps what it measured
+        out.with_suffix(".json").write_text(json.dumps({"peaks": peaks, "rows": results}, indent=1))
+    print(text)
+
+
+def run_in_child(row: str) -> dict:
+    """One row in a fresh Python process: its result, or the last line of its error."""
+    proc = subprocess.run([sys.executable, __file__, "--row", row, *sys.argv[1:]], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result["real_per_s"] = result["real"] / result["seconds"]
+    return result
+
+
+if __name__ == "__main__":
+    main()
