@@ -320,7 +320,7 @@ def test_fsdp_config_composes_for_the_big_presets(experiment, tmp_path):
 
 
 def test_slurm_experiment_sizes_the_job_from_the_trainer():
-    from protein_mlm.cli import compose_checked
+    from protein_mlm.cli import check_multirun_processes, compose_checked
     from protein_mlm.train import accumulation_steps
 
     cfg = compose_checked(
@@ -334,6 +334,7 @@ def test_slurm_experiment_sizes_the_job_from_the_trainer():
     cfg = compose_checked("train", ["experiment=slurm_multinode", "model=esm2_3b", "trainer=fsdp"])
     assert cfg.trainer.strategy._target_ == "protein_mlm.parallel.fsdp_strategy" and cfg.trainer.num_nodes == 2
     check_config(cfg)  # no GPU needed to submit
+    check_multirun_processes(cfg)  # SLURM starts every process itself: several per job are fine
 
 
 def test_memory_formula():
@@ -345,3 +346,9 @@ def test_memory_formula():
     per_gpu = training_state_bytes_per_gpu(params, 8)
     assert sum(per_gpu.values()) == pytest.approx(16 * params / 8)
     assert sum(training_state_bytes_per_gpu(params, 8, sharded=False).values()) == 16 * params
+
+
+def test_a_local_multirun_of_ddp_jobs_is_a_one_line_error(tmp_path):
+    result = run_cli("-m", "trainer=ddp", "trainer.devices=2", "scheduler.warmup_steps=1,2", cwd=tmp_path)
+    assert result.returncode == 2 and "cannot run on this launcher" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "multirun").exists()

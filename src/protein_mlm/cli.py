@@ -130,7 +130,24 @@ def check_sweep(config_name: str, overrides: list[str], check) -> None:
     except Exception:  # interval/range sweeps of search sweepers: leave them to Hydra
         return
     for combo in combos:
-        check(compose_checked(config_name, combo))
+        cfg = compose_checked(config_name, combo)
+        check(cfg)
+        check_multirun_processes(cfg)
+
+
+def check_multirun_processes(cfg: DictConfig) -> None:
+    """Lightning starts DDP processes by re-running the command line: under `-m` that would re-run the sweep."""
+    trainer = cfg.get("trainer") or {}
+    devices = trainer.get("devices", 1)
+    several = (devices > 1 if isinstance(devices, int) else OmegaConf.is_list(devices) and len(devices) > 1) or (
+        trainer.get("num_nodes", 1) > 1
+    )
+    if several and "SlurmLauncher" not in str(cfg.hydra.launcher.get("_target_", "")):
+        raise ConfigError(
+            f"a multirun (-m) job with trainer.devices={devices} x num_nodes={trainer.get('num_nodes', 1)} cannot "
+            "run on this launcher (Lightning would re-run the whole sweep in every DDP process); run the jobs one "
+            "at a time, or submit them with hydra/launcher=slurm"
+        )
 
 
 def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
