@@ -256,6 +256,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence for every row")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch of the HF rows")
     parser.add_argument("--out", type=Path, help="markdown file (default benchmarks/results-<device>.md)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all rows, pooled per row")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for the ours* rows")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args()
@@ -285,20 +286,34 @@ def main() -> None:
         f"# Throughput: {args.model}, sequences cut to {args.max_length} tokens, bundled Swiss-Prot",
         "",
         f"Device: {device_name()}; torch {torch.__version__}. Each row: {args.warmup_steps} warm-up steps, then "
-        f"{args.seconds:g} s timed. HF rows: batch {args.batch_size}. MFU against {peak_note}: "
-        + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items() if v),
+        f"{args.seconds:g} s timed, {args.repeats} round(s) pooled. HF rows: batch {args.batch_size}. "
+        f"MFU against {peak_note}: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items() if v),
         "",
         f"Command: `{' '.join(['python scripts/benchmark.py', *sys.argv[1:]])}`",
         "",
     ]
     results: dict[str, dict] = {}
-    for row in args.rows.split(","):
-        results[row] = run_in_child(row)
-        print(f"{row}: {results[row]}", file=sys.stderr, flush=True)
+    for _ in range(args.repeats):  # rounds over all rows, so a load that comes and goes hits every row alike
+        for row in args.rows.split(","):
+            results[row] = merge(results.get(row), run_in_child(row))
+            print(f"{row}: {results[row]}", file=sys.stderr, flush=True)
         text = "\n".join([*header, table(results, peaks, params, arch, on_gpu), ""])
         out.write_text(text)  # after every row, so an interrupted benchmark keeps what it measured
         out.with_suffix(".json").write_text(json.dumps({"peaks": peaks, "rows": results}, indent=1))
     print(text)
+
+
+def merge(total: dict | None, new: dict) -> dict:
+    """Pool the rounds of one row: tokens and seconds add up, peaks take the maximum."""
+    if total is None or "error" in new:
+        return new
+    if "error" in total:
+        return total  # one failed round marks the row failed
+    merged = {k: total[k] + new[k] for k in ("steps", "seconds", "real", "padded", "squares")}
+    for k in ("peak_rss_gib", "peak_gpu_gib"):
+        merged[k] = max(total[k], new[k]) if total[k] is not None else None
+    merged["real_per_s"] = merged["real"] / merged["seconds"]
+    return merged
 
 
 def run_in_child(row: str) -> dict:
