@@ -72,12 +72,10 @@ class StreamingFastaDataset(torch.utils.data.IterableDataset):
         readers = world_size * max(num_workers, 1)
         parts = readers // math.gcd(len(files), readers)  # len(files) * parts is a multiple of the readers
         shards = [(n, str(f), p, parts) for n, f in enumerate(files) for p in range(parts)]
-        stream = datasets.IterableDataset.from_generator(
+        self.records_stream = datasets.IterableDataset.from_generator(
             _shard_records, features=STREAM_FEATURES, gen_kwargs={"shards": shards, "exclude": exclude}
         )
-        if shuffle_buffer > 1:
-            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        self.shuffle_buffer = shuffle_buffer
         self.num_shards = len(shards)
 
     def _skip(self) -> int:
@@ -91,14 +89,24 @@ class StreamingFastaDataset(torch.utils.data.IterableDataset):
         workers = info.num_workers if info is not None else 1
         return -(-self.skip_batches // workers) * self.batch_size
 
+    def epoch_stream(self, epoch: int) -> datasets.IterableDataset:
+        """This rank's rows of one epoch, shard order and buffer shuffled from (seed, epoch).
+
+        A new stream per epoch rather than `set_epoch`: `datasets` keeps the epoch in memory shared by the
+        DataLoader workers, so a worker entering the next epoch would reshuffle the shards of one still in this one.
+        """
+        stream = self.records_stream
+        if self.shuffle_buffer > 1:
+            stream = stream.shuffle(seed=self.seed * 1_000_003 + epoch, buffer_size=self.shuffle_buffer)
+        return split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
+
     def records(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """(epoch, record key, token ids) of this reader's share, epoch after epoch (`epochs` of them, or forever)."""
         skip = self._skip()
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
-            self.stream.set_epoch(epoch)
             served = False
-            for row in self.stream:
+            for row in self.epoch_stream(epoch):
                 served = True
                 if skip:
                     skip -= 1
