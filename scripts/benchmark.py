@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("BENCHMARK_WORK_DIR", ROOT / ".cache"))  # data cache and scratch output of the rows
 OURS = {  # row -> overrides on top of the training config's defaults
     "ours": [],
     "ours_fp32": ["trainer.precision=32-true"],
@@ -87,7 +88,7 @@ def train_split(max_length: int):
     """The bundled training split (token ids without <cls>/<eos>), as the project caches it."""
     from protein_mlm.data import ProteinDataModule
 
-    datamodule = ProteinDataModule(max_length=max_length, cache_dir=str(ROOT / ".cache" / "data"))
+    datamodule = ProteinDataModule(max_length=max_length, cache_dir=str(WORK / "data"))
     datamodule.setup()
     return datamodule.splits["train"]
 
@@ -121,7 +122,7 @@ def run_hf(name: str, model_name: str, max_length: int, batch_size: int, clock: 
             control.should_training_stop = clock.step_done()
 
     args = TrainingArguments(
-        output_dir=str(ROOT / ".cache" / "benchmark-hf"),
+        output_dir=str(WORK / "benchmark-hf"),
         per_device_train_batch_size=batch_size,
         max_steps=10**7,
         learning_rate=4e-4,
@@ -145,7 +146,7 @@ def run_ours(name: str, model_name: str, max_length: int, clock: Clock, extra: l
 
     from protein_mlm.train import accumulation_steps, build_module, resolve_precision
 
-    paths = [f"paths.cache_dir={ROOT / '.cache' / 'data'}", f"paths.output_dir={ROOT / '.cache' / 'benchmark-ours'}"]
+    paths = [f"paths.cache_dir={WORK / 'data'}", f"paths.output_dir={WORK / 'benchmark-ours'}"]
     cfg = compose(model_name, max_length, [*OURS[name], *paths, *extra])
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
