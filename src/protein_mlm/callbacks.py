@@ -12,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
+from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .errors import UserError
@@ -108,8 +109,13 @@ class DivergenceGuard(pl.Callback):
         self._steps_above = 0
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Each rank holds a shard: the root module's norm is the global one on every rank (max_norm inf
+            # scales nothing), so all ranks stop together. Not exercised by the tests: FSDP needs GPUs.
+            norm = float(trainer.model.clip_grad_norm_(float("inf")))
+        else:  # one device, or DDP (gradients already averaged, identical on every rank)
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         step = trainer.global_step
         if not math.isfinite(norm):
             raise TrainingDiverged(step, f"gradient norm is {norm}")
