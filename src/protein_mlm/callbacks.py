@@ -103,7 +103,7 @@ class DivergenceGuard(pl.Callback):
     an exception, so `last.ckpt` stays the last good one. Also logs `train/grad_norm` every step.
     """
 
-    def __init__(self, max_loss: float = 10.0, patience: int = 20, spike_factor: float = 3.0, spike_window: int = 50):
+    def __init__(self, max_loss: float = 10.0, patience: int = 20, spike_factor: float = 1.5, spike_window: int = 50):
         self.max_loss, self.patience = max_loss, patience
         self.spike_factor, self.recent = spike_factor, collections.deque(maxlen=spike_window)
         self._steps_above = 0
