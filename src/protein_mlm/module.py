@@ -59,7 +59,8 @@ class MaskedLMModule(pl.LightningModule):
             load_pretrained_into(self.model, init_from)
         if compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
             # dynamic: token-budget batches change shape every step; one dynamic graph beats a recompile each time
-            self.model.compile(dynamic=True)
+            for layer in self.model.esm.encoder.layer:  # one graph shared by all layers: compiles once
+                layer.compile(dynamic=True)
         self._num_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.optimizer_factory = optimizer
         self.schedule = schedule
