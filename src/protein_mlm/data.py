@@ -441,32 +441,17 @@ class ProteinDataModule(pl.LightningDataModule):
         resume, self._resume = (self._resume, None) if shuffle else (None, self._resume)
         # Validation never samples by cluster: it scores every held-out sequence.
         epoch_indices = self.clusters.epoch_indices if shuffle and self.clusters is not None else None
+        shared = dict(
+            shuffle=shuffle, fixed=not shuffle, epoch_indices=epoch_indices, num_replicas=num_replicas, rank=rank
+        )
         if self.max_tokens is not None:
-            sampler = TokenBudgetBatchSampler(
-                lengths,
-                self.max_tokens,
-                self.seed,
-                shuffle=shuffle,
-                fixed=not shuffle,
-                epoch_indices=epoch_indices,
-                num_replicas=num_replicas,
-                rank=rank,
-            )
+            sampler = TokenBudgetBatchSampler(lengths, self.max_tokens, self.seed, **shared)
             if resume:
                 sampler.resume = (resume["epoch"], resume["batches"])
             return DataLoader(dataset, batch_sampler=sampler, **common)
         # Validation in length order, so its batches carry little padding.
         order = None if shuffle else np.argsort(lengths, kind="stable")
-        sampler = EpochSampler(
-            len(lengths),
-            self.seed,
-            shuffle=shuffle,
-            order=order,
-            fixed=not shuffle,
-            epoch_indices=epoch_indices,
-            num_replicas=num_replicas,
-            rank=rank,
-        )
+        sampler = EpochSampler(len(lengths), self.seed, order=order, **shared)
         if resume:
             sampler.resume = (resume["epoch"], resume["batches"] * self.batch_size)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
