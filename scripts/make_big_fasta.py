@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_mlm.data import BUNDLED_FASTA
 from protein_mlm.fasta import read_fasta
+from protein_mlm.preprocess import BUNDLED_FASTA
 from protein_mlm.tokenizer import STANDARD_AMINO_ACIDS
 
 

@@ -6,11 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protein_mlm import data
-from protein_mlm.data import ProteinDataModule, build_splits, is_val_sequence, load_splits
+from protein_mlm import preprocess
+from protein_mlm.data import ProteinDataModule
 from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.fasta import read_fasta
 from protein_mlm.masking import IGNORE_INDEX
+from protein_mlm.preprocess import build_splits, is_val_sequence, load_splits
 from protein_mlm.samplers import EpochSampler, TokenBudgetBatchSampler
 from protein_mlm.tokenizer import PAD_ID, load_tokenizer
 
@@ -96,7 +97,7 @@ def test_cache_is_reused_and_tokens_match_the_esm_tokenizer(tmp_path, monkeypatc
     def must_not_rebuild(*args):
         raise AssertionError("the cache was not used")
 
-    monkeypatch.setattr(data, "build_splits", must_not_rebuild)
+    monkeypatch.setattr(preprocess, "build_splits", must_not_rebuild)
     again, stats_again = load_splits(fasta, val, 0.0, cache)
     assert stats_again == stats and again["train"]["input_ids"] == splits["train"]["input_ids"]
 

@@ -10,11 +10,11 @@ from omegaconf import open_dict
 from transformers import AutoTokenizer, EsmForMaskedLM
 
 from protein_mlm.checkpoint import export_hf, load_checkpoint, resolve_checkpoint
-from protein_mlm.data import BUNDLED_FASTA
 from protein_mlm.errors import ConfigError
 from protein_mlm.evaluate import evaluate
 from protein_mlm.masking import collate, mask_tokens, sample_rng
 from protein_mlm.module import MaskedLMModule
+from protein_mlm.preprocess import BUNDLED_FASTA
 from protein_mlm.tokenizer import encode_residues
 from protein_mlm.train import train
 from tests.conftest import CONFIG_DIR, ROOT, TINY, compose_config

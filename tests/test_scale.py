@@ -12,10 +12,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from protein_mlm.data import BUNDLED_FASTA, MaskedSequenceDataset, build_splits, decode_ids, is_val_sequence
+from protein_mlm.data import MaskedSequenceDataset
 from protein_mlm.errors import ConfigError
 from protein_mlm.fasta import read_fasta
 from protein_mlm.masking import IGNORE_INDEX
+from protein_mlm.preprocess import BUNDLED_FASTA, build_splits, decode_ids, is_val_sequence
 from protein_mlm.samplers import EpochSampler, TokenBudgetBatchSampler
 from protein_mlm.streaming import StreamingFastaDataset
 from protein_mlm.tblog import read_scalars
@@ -65,7 +66,7 @@ def as_tuple(stats):
 def test_chunked_preprocessing_gives_the_same_ids_in_the_same_order(tmp_path, monkeypatch):
     bundled = Path(str(BUNDLED_FASTA))
     expected, expected_stats = reference_splits(bundled, None, 0.03)
-    monkeypatch.setattr("protein_mlm.data.CHUNK_RECORDS", 777)  # several chunks, a partial last one
+    monkeypatch.setattr("protein_mlm.preprocess.CHUNK_RECORDS", 777)  # several chunks, a partial last one
     splits, stats = build_splits(bundled, None, 0.03, out_dir=tmp_path / "bundled")
     assert as_tuple(stats) == expected_stats
     for name in ("train", "val"):

@@ -10,11 +10,12 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
-from .data import FEATURES, MaskedSequenceDataset, residue_lengths, unigram_perplexity
+from .data import MaskedSequenceDataset
 from .errors import ConfigError
 from .fasta import read_fasta
 from .masking import collate
 from .module import MaskedLMModule
+from .preprocess import FEATURES, residue_lengths, unigram_perplexity
 from .samplers import TokenBudgetBatchSampler
 from .tokenizer import encode_residues
 

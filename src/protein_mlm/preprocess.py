@@ -1,0 +1,253 @@
+"""FASTA -> deduplicated, content-hash-split, tokenized Arrow datasets, cached on disk and memory-mapped."""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets.arrow_writer import ArrowWriter
+
+from .errors import DataError
+from .fasta import read_fasta
+from .tokenizer import VOCAB, encode_residues
+
+_LETTERS = np.frombuffer("".join(t if len(t) == 1 else "?" for t in VOCAB).encode(), dtype=np.uint8)
+
+log = logging.getLogger(__name__)
+datasets.disable_progress_bars()  # the one-off Arrow conversion is quick; its bars only clutter the log
+
+BUNDLED_FASTA = resources.files("protein_mlm") / "assets" / "swissprot_sample.fasta.gz"
+CACHE_FORMAT = 2  # bump when the stored layout or the split rule changes, so old caches are not reused
+FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint8"))})  # 1 byte per residue
+CHUNK_RECORDS = 10_000  # records per Arrow write: bounds the memory preprocessing needs, whatever the file size
+
+
+@dataclass
+class SplitStats:
+    """What preprocessing did, for the start-up log and the run summary."""
+
+    train_sequences: int
+    val_sequences: int
+    duplicates_removed: int
+    empty_removed: int
+    val_overlap_removed: int
+
+
+def is_val_sequence(residues: bytes, val_fraction: float) -> bool:
+    """Deterministic split by content hash: file order does not matter and duplicates cannot straddle it."""
+    digest = hashlib.blake2b(residues, digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+class DigestSet:
+    """A set of 16-byte digests held as a few sorted numpy runs: 16 bytes per entry (a Python set needs ~150).
+
+    Each `add` appends a sorted run; equal-sized neighbours are merged (as an LSM tree), so there are O(log n)
+    runs to search and the merges cost O(n log n) in all.
+    """
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []  # dtype S16, each sorted
+
+    def __len__(self) -> int:
+        return sum(len(run) for run in self.runs)
+
+    def contains(self, digests: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(digests), dtype=bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, digests), len(run) - 1)
+            found |= run[at] == digests
+        return found
+
+    def add(self, digests: np.ndarray) -> np.ndarray:
+        """Add `digests`; True at the first occurrence of each one that was not in the set yet."""
+        _, first = np.unique(digests, return_index=True)
+        first = first[~self.contains(digests[first])]
+        new = np.zeros(len(digests), dtype=bool)
+        new[first] = True
+        if len(first):
+            self.runs.append(np.sort(digests[first]))
+            while len(self.runs) > 1 and len(self.runs[-2]) <= len(self.runs[-1]):
+                self.runs[-2:] = [np.sort(np.concatenate(self.runs[-2:]), kind="stable")]  # timsort: linear here
+        return new
+
+
+def _unique_sequences(
+    path: Path, seen: DigestSet, counts: dict[str, int], exclude: DigestSet | None = None
+) -> Iterator[bytes]:
+    """Residue strings of a FASTA in file order, exact duplicates, empty records and those in `exclude` dropped.
+
+    Duplicates are found by 16-byte blake2b digest, a chunk of records at a time, not by keeping the sequences.
+    `counts` gains the records read, the empty ones, the duplicates and the excluded ones.
+    """
+    chunk: list[bytes] = []
+    for _, residues in read_fasta(path):
+        counts["records"] += 1
+        if not residues:
+            counts["empty"] += 1
+            continue
+        chunk.append(residues)
+        if len(chunk) >= CHUNK_RECORDS:
+            yield from _first_seen(chunk, seen, counts, exclude)
+            chunk = []
+    yield from _first_seen(chunk, seen, counts, exclude)
+
+
+def _first_seen(chunk: list[bytes], seen: DigestSet, counts: dict[str, int], exclude: DigestSet | None):
+    if not chunk:
+        return
+    digests = np.array([hashlib.blake2b(r, digest_size=16).digest() for r in chunk], dtype="S16")
+    keep = seen.add(digests)
+    counts["duplicates"] += len(chunk) - int(keep.sum())
+    if exclude is not None:
+        excluded = keep & exclude.contains(digests)
+        counts["excluded"] = counts.get("excluded", 0) + int(excluded.sum())
+        keep &= ~excluded
+    yield from (residues for residues, k in zip(chunk, keep) if k)
+
+
+class _ArrowSplitWriter:
+    """Appends residue strings to an Arrow file in chunks: one vectorised lookup per chunk, uint8 ids on disk."""
+
+    def __init__(self, path: Path):
+        self.path, self.chunk_records = path, CHUNK_RECORDS
+        self.writer = ArrowWriter(features=FEATURES, path=str(path))
+        self.pending: list[bytes] = []
+        self.count = 0
+
+    def add(self, residues: bytes) -> None:
+        self.pending.append(residues)
+        if len(self.pending) >= self.chunk_records:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        offsets = np.zeros(len(self.pending) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in self.pending], out=offsets[1:])
+        ids = pa.LargeListArray.from_arrays(offsets, encode_residues(b"".join(self.pending)))
+        self.writer.write_table(pa.table({"input_ids": ids.cast(FEATURES.arrow_schema.field("input_ids").type)}))
+        self.count += len(self.pending)
+        self.pending = []
+
+    def close(self) -> datasets.Dataset:
+        self._flush()
+        self.writer.finalize()
+        self.writer.close()
+        return datasets.Dataset.from_file(str(self.path))  # memory-mapped
+
+
+def cache_key(*paths: Path | None, **settings) -> str:
+    """Identify a preprocessing result by the input files' identity (path, size, mtime) and the settings."""
+    parts = [str(CACHE_FORMAT), json.dumps(settings, sort_keys=True)]
+    for p in paths:
+        if p is not None:
+            st = p.stat()
+            parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def build_splits(
+    train_path: Path, val_path: Path | None, val_fraction: float, out_dir: Path | None = None
+) -> tuple[dict, SplitStats]:
+    """Read, deduplicate and split; with a separate val file, drop its sequences from train (no leakage).
+
+    One streaming pass per file writes `train.arrow` / `val.arrow` into `out_dir` (a new temporary dir by
+    default) in file order; memory grows only by the 16-byte digest of each unique sequence.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="protein_mlm-splits-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers = {name: _ArrowSplitWriter(out_dir / f"{name}.arrow") for name in ("train", "val")}
+    counts = {"records": 0, "empty": 0, "duplicates": 0, "excluded": 0}
+    if val_path is None:
+        for residues in _unique_sequences(train_path, DigestSet(), counts):
+            writers["val" if is_val_sequence(residues, val_fraction) else "train"].add(residues)
+    else:
+        val_digests = DigestSet()
+        for residues in _unique_sequences(val_path, val_digests, {"records": 0, "empty": 0, "duplicates": 0}):
+            writers["val"].add(residues)
+        for residues in _unique_sequences(train_path, DigestSet(), counts, exclude=val_digests):
+            writers["train"].add(residues)
+    splits = {name: writer.close() for name, writer in writers.items()}
+    if not len(splits["train"]) or not len(splits["val"]):
+        which = "training" if not len(splits["train"]) else "validation"
+        raise DataError(
+            f"the {which} split of {train_path} is empty; give more sequences, "
+            "change data.val_fraction or pass data.val_path"
+        )
+    stats = SplitStats(
+        len(splits["train"]), len(splits["val"]), counts["duplicates"], counts["empty"], counts["excluded"]
+    )
+    return splits, stats
+
+
+def load_splits(
+    train_path: Path, val_path: Path | None, val_fraction: float, cache_dir: Path
+) -> tuple[dict[str, datasets.Dataset], SplitStats]:
+    """Memory-mapped Arrow splits, built once per input and reused from `cache_dir` afterwards."""
+    key = cache_key(train_path, val_path, val_fraction=None if val_path else val_fraction)
+    target = cache_dir / key
+    if not (target / "stats.json").is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename, so concurrent runs never read a half-written cache.
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}-"))
+        try:
+            _, stats = build_splits(train_path, val_path, val_fraction, out_dir=tmp)
+            (tmp / "stats.json").write_text(json.dumps(stats.__dict__))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is equivalent
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("Tokenized %s into %s", train_path, target)
+    stats = SplitStats(**json.loads((target / "stats.json").read_text()))
+    splits = {name: datasets.Dataset.from_file(str(target / f"{name}.arrow")) for name in ("train", "val")}
+    return splits, stats
+
+
+def load_sequences(path: Path, cache_dir: Path) -> datasets.Dataset:
+    """One FASTA's unique sequences in file order (e.g. the validation file of a streaming run), cached."""
+    target = cache_dir / f"{cache_key(path, unique_sequences=True)}.arrow"
+    if not target.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}-")
+        os.close(fd)
+        writer = _ArrowSplitWriter(Path(tmp))
+        for residues in _unique_sequences(path, DigestSet(), {"records": 0, "empty": 0, "duplicates": 0}):
+            writer.add(residues)
+        if not len(writer.close()):
+            os.unlink(tmp)
+            raise DataError(f"{path} holds no non-empty sequence; pass a FASTA file with sequences")
+        os.replace(tmp, target)  # atomic: a concurrent run reads no half-written file
+    return datasets.Dataset.from_file(str(target))
+
+
+def decode_ids(ids: np.ndarray) -> bytes:
+    """The residue letters of token ids (the inverse of encode_residues), e.g. to hash a stored sequence."""
+    return _LETTERS[ids].tobytes()
+
+
+def residue_lengths(sequences: datasets.Dataset) -> np.ndarray:
+    """Length of every sequence, read from the Arrow offsets without materialising the rows."""
+    return pc.list_value_length(sequences.data.column("input_ids")).to_numpy()
+
+
+def unigram_perplexity(sequences: datasets.Dataset) -> float:
+    """Perplexity of the split's own amino-acid frequencies: what a context-free predictor can reach."""
+    ids = pc.list_flatten(sequences.data.column("input_ids")).to_numpy()
+    probs = np.bincount(ids, minlength=len(VOCAB)) / len(ids)
+    probs = probs[probs > 0]
+    return math.exp(-(probs * np.log(probs)).sum())
