@@ -177,14 +177,12 @@ def run_ours(name: str, model_name: str, max_length: int, clock: Clock, extra: l
     return clock.result()
 
 
-def precision_of(row: str, on_gpu: bool) -> str:
-    from protein_mlm.train import cpu_supports_bf16
+def precision_of(row: str) -> str:
+    """The precision a row trains in: fixed for hf / hf_tuned / ours_fp32 / ours_bf16, else the project's `auto`."""
+    from protein_mlm.train import resolve_precision
 
-    if row == "hf" or row == "ours_fp32":
-        return "32-true"
-    if row.startswith("ours") and row != "ours_bf16" and not on_gpu and not cpu_supports_bf16():
-        return "32-true"
-    return "bf16-mixed"
+    fixed = {"hf": "32-true", "ours_fp32": "32-true", "hf_tuned": "bf16-mixed", "ours_bf16": "bf16-mixed"}
+    return fixed.get(row) or resolve_precision("auto", "auto")
 
 
 def run_row(args) -> None:
@@ -223,7 +221,7 @@ def device_name() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def table(results: dict[str, dict], peaks: dict[str, float], params: int, arch: dict, on_gpu: bool) -> str:
+def table(results: dict[str, dict], peaks: dict[str, float], params: int, arch: dict) -> str:
     """Markdown: throughput, padding, memory, MFU and the speed-up over the `hf` row."""
     from protein_mlm.perf import flops_per_step
 
@@ -236,7 +234,7 @@ def table(results: dict[str, dict], peaks: dict[str, float], params: int, arch: 
         if "error" in r:
             lines.append(f"| {row} | | failed: {r['error']} | | | | | | |")
             continue
-        precision = precision_of(row, on_gpu)
+        precision = precision_of(row)
         flops = flops_per_step(params, arch["num_hidden_layers"], arch["hidden_size"], r["real"], r["squares"])
         mfu = f"{flops / r['seconds'] / (peaks[precision] * 1e12):.1%}" if peaks.get(precision) else "-"
         gpu = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
@@ -298,7 +296,7 @@ def main() -> None:
         for row in args.rows.split(","):
             results[row] = merge(results.get(row), run_in_child(row))
             print(f"{row}: {results[row]}", file=sys.stderr, flush=True)
-        text = "\n".join([*header, table(results, peaks, params, arch, on_gpu), ""])
+        text = "\n".join([*header, table(results, peaks, params, arch), ""])
         out.write_text(text)  # after every row, so an interrupted benchmark keeps what it measured
         out.with_suffix(".json").write_text(json.dumps({"peaks": peaks, "rows": results}, indent=1))
     print(text)
