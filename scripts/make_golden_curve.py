@@ -37,7 +37,7 @@ OVERRIDES = [
     "data.max_tokens=1024",
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
-    "callbacks.last_checkpoint=null",
+    "callbacks.resume_checkpoint=null",
     "print_config=false",
 ]
 

@@ -1,5 +1,6 @@
 """Shared fixtures: configs composed with Hydra's compose API, shrunk to tiny CPU runs."""
 
+import gzip
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,27 @@ def run_cli(*args: str, cwd: Path, timeout: int = 180) -> subprocess.CompletedPr
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def small_fasta(tmp_path_factory) -> list[str]:
+    """Overrides for a 60-sequence training FASTA and a 15-sequence validation FASTA cut from the bundled sample:
+    with data.max_length=128 and data.max_tokens=1024 an epoch is 7 batches, so short runs span several epochs."""
+    folder = tmp_path_factory.mktemp("small")
+    records, name, residues = [], None, []
+    with gzip.open(ROOT / "src/protein_mlm/assets/swissprot_sample.fasta.gz", "rt") as f:
+        for line in f:
+            if line.startswith(">"):
+                if name:
+                    records.append((name, "".join(residues)))
+                name, residues = line[1:].split()[0], []
+            else:
+                residues.append(line.strip())
+    picked = [r for r in records if 30 < len(r[1]) < 400][:75]
+    for path, part in ((folder / "train.fasta", picked[:60]), (folder / "val.fasta", picked[60:])):
+        path.write_text("".join(f">{n}\n{s}\n" for n, s in part))
+    return [
+        f"data.train_path={folder / 'train.fasta'}",
+        f"data.val_path={folder / 'val.fasta'}",
+        f"paths.cache_dir={folder / 'cache'}",
+    ]

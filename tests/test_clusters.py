@@ -53,9 +53,7 @@ def datamodule(tmp_path: Path, fasta: Path, cluster_map: Path | None, seed: int 
 
 def served_rows(dm: ProteinDataModule, epoch: int) -> list[int]:
     """The training rows the DataModule's sampler serves in one epoch."""
-    sampler = dm.train_dataloader().batch_sampler
-    sampler.set_epoch(epoch)
-    return [index for batch in sampler for _, index in batch]
+    return [int(index) for batch in dm.train_dataloader().batcher.rank_batches(epoch) for index in batch]
 
 
 def row_clusters(dm: ProteinDataModule, cluster_of: dict[str, str]) -> list[str]:
@@ -156,13 +154,27 @@ def test_record_ids_are_cached_beside_the_data(tmp_path, monkeypatch):
     assert np.array_equal(again.clusters.members, first.clusters.members)
 
 
-def test_validation_ignores_the_cluster_map(tmp_path):
-    fasta, mapping, _ = uniref_data(tmp_path)
+def test_validation_holds_out_whole_clusters_and_scores_every_sequence(tmp_path):
+    """With a map and no val_path, a cluster is in validation or in training, never in both."""
+    fasta, mapping, cluster_of = uniref_data(tmp_path, sizes=[1, 2, 3, 4, 5] * 8)
     settings = dict(train_path=str(fasta), val_fraction=0.3, max_length=64, max_tokens=512, cache_dir=str(tmp_path))
-    a, b = ProteinDataModule(**settings, cluster_map=str(mapping)), ProteinDataModule(**settings)
-    a.setup(), b.setup()
-    rows = lambda dm: [i for batch in dm.val_dataloader().batch_sampler for _, i in batch]  # noqa: E731
-    assert rows(a) == rows(b) and len(rows(a)) == len(a.splits["val"])
+    dm = ProteinDataModule(**settings, cluster_map=str(mapping))
+    dm.setup()
+    ids = {
+        split: load_row_record_ids(dm.train_path, dm.splits[split], tmp_path / f"{split}.arrow") for split in dm.splits
+    }
+    clusters = {split: {cluster_of[i] for row in rows for i in row} for split, rows in ids.items()}
+    assert clusters["val"] and clusters["train"] and not clusters["val"] & clusters["train"]
+    rows = [i for batch in dm.val_dataloader().batch_sampler for _, i in batch]
+    assert sorted(rows) == list(range(len(dm.splits["val"])))  # validation never samples by cluster
+    plain = ProteinDataModule(**settings)
+    plain.setup()
+    held_out = {
+        cluster_of[i]
+        for row in load_row_record_ids(plain.train_path, plain.splits["val"], tmp_path / "p.arrow")
+        for i in row
+    }
+    assert held_out & clusters["train"]  # per-sequence splitting would leak clusters (the reason for the above)
 
 
 def idmapping_line(accession: str, uniref90: str, uniref50: str) -> str:
@@ -254,11 +266,10 @@ def test_fixed_batch_size_sampler_serves_one_member_per_cluster_too(tmp_path):
     dm = datamodule(tmp_path, fasta, mapping)
     dm.max_tokens = None  # data.max_tokens=null: EpochSampler with data.batch_size
     clusters = row_clusters(dm, cluster_of)
-    sampler = dm.train_dataloader().sampler
+    batcher = dm.train_dataloader().batcher
     for epoch in (0, 1):
-        sampler.set_epoch(epoch)
-        rows = [index for _, index in sampler]
-        assert len(sampler) == len(rows) == 20
+        rows = [int(index) for batch in batcher.rank_batches(epoch) for index in batch]
+        assert len(rows) == 20
         assert sorted(rows) == sorted(dm.clusters.epoch_indices(epoch).tolist())
         assert len({clusters[r] for r in rows}) == 20
 

@@ -121,20 +121,6 @@ def test_ranks_get_disjoint_equal_shares_of_each_epoch(world):
         assert sum(map(len, orders)) - 1001 == -1001 % world  # only the padding repeats
 
 
-def test_a_resumed_rank_skips_its_own_batches_already_trained():
-    """The DataModule's resume state counts this rank's batches; each rank skips exactly its own."""
-    lengths = np.random.default_rng(0).integers(10, 300, size=500)
-    for rank in (0, 1):
-        full = [[i for _, i in b] for b in TokenBudgetBatchSampler(lengths, 1024, 0, num_replicas=2, rank=rank)]
-        resumed = TokenBudgetBatchSampler(lengths, 1024, 0, num_replicas=2, rank=rank)
-        resumed.resume = (0, 5)
-        assert [[i for _, i in b] for b in resumed] == full[5:]
-        sampler = EpochSampler(500, 0, num_replicas=2, rank=rank)
-        order = [i for _, i in sampler]
-        sampler.resume = (0, 40)  # 5 batches of 8 samples
-        assert [i for _, i in sampler] == order[40:]
-
-
 def test_validation_shards_pad_with_weightless_samples(cache_dir):
     from protein_mlm.data import ProteinDataModule
 
@@ -164,11 +150,11 @@ class RecordShards(pl.Callback):
         self.out_dir = Path(out_dir)
 
     def on_train_start(self, trainer, pl_module):
-        train_sampler = trainer.train_dataloader.batch_sampler
+        train_sampler = trainer.train_dataloader.batcher
         val_sampler = trainer.val_dataloaders.batch_sampler
         record = {
             "world_size": trainer.world_size,
-            "num_batches": len(trainer.train_dataloader),
+            "num_batches": len(train_sampler.rank_batches(0)),
             "train": [[int(i) for i in batch] for batch in train_sampler.rank_batches(0)],
             "train_total_batches": len(train_sampler.batches(0)),
             "train_samples": len(train_sampler.lengths),

@@ -88,7 +88,7 @@ def test_fast_dev_run_runs_one_batch_of_each(tiny_cfg):
 
 def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tiny_cfg):
     cfg = tiny_cfg("faults.inject_nan_at_step=8")
-    with pytest.raises(TrainingDiverged, match="diverged at step 8: gradient norm is nan"):
+    with pytest.raises(TrainingDiverged, match="diverged at step 8: loss is nan"):
         train(cfg)
     last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6  # saved at the validation after step 6, not overwritten
@@ -127,14 +127,24 @@ def test_training_and_evaluation_make_no_network_call(tiny_cfg, monkeypatch):
     assert evaluate(eval_cfg)["sequences"] == 1
 
 
-def test_loss_spike_is_a_warning_with_its_step(caplog):
-    from types import SimpleNamespace
+def test_guard_patience_counts_updates_of_the_real_loss_with_accumulation(tiny_cfg):
+    """k=3: the guard sees each update's token-mean loss (~3.4 for a fresh model), not loss / 3."""
+    cfg = tiny_cfg(
+        "trainer.accumulate_grad_batches=3",
+        "callbacks.divergence_guard.max_loss=2.0",
+        "callbacks.divergence_guard.patience=3",
+    )
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 2: loss above 2.0 for 3 updates \(now 3\.\d+\)"):
+        train(cfg)
 
-    from protein_mlm.callbacks import DivergenceGuard
 
-    guard = DivergenceGuard(spike_factor=3.0, spike_window=20)
-    for step, loss in enumerate([2.0] * 15 + [7.0, 2.0]):
-        trainer = SimpleNamespace(global_step=step + 1)
-        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)
+def test_loss_spike_warning_names_the_update_loss_and_the_guard_is_checkpointed(tiny_cfg, caplog):
+    """k=3 through Trainer.fit: the warning's loss is the logged train/loss of that step; the windows are saved."""
+    cfg = tiny_cfg("trainer.accumulate_grad_batches=3", "callbacks.divergence_guard.spike_factor=0.5")
+    with caplog.at_level("WARNING"):
+        train(cfg)
     spikes = [r.getMessage() for r in caplog.records if "loss spike" in r.getMessage()]
-    assert spikes == ["loss spike at step 15: 7, over 3 x the recent median"]
+    losses = dict(read_scalars(Path(cfg.paths.output_dir) / "tensorboard")["train/loss"])
+    assert spikes == [f"loss spike at step {s}: {losses[s]:.4g}, over 0.5 x the recent median" for s in range(10, 12)]
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    assert state["DivergenceGuard"]["recent"] == pytest.approx([losses[s] for s in range(12)], rel=1e-6)

@@ -1,18 +1,18 @@
-"""Lightning callbacks: per-step LR, validation at the last step, divergence guard, progress bar."""
+"""Lightning callbacks: per-step LR, validation at the last step, resume checkpoints, divergence guard, progress."""
 
 import collections
 import logging
 import math
-import os
+import re
 import signal
 import statistics
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
-from pytorch_lightning.strategies import FSDPStrategy
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .errors import UserError
@@ -53,15 +53,30 @@ class ValidateAtLastStep(pl.Callback):
 
 
 class StepProgressBar(RichProgressBar):
-    """Rich progress bar: the LR in scientific notation (not "0.000"), and no "Epoch 0/-2" without max_epochs."""
+    """Rich progress bar in optimizer updates out of `max_steps` (not micro-batches), the LR in scientific notation,
+    and the data epoch (the training loader's, not Lightning's single endless epoch)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
 
     def _get_train_description(self, current_epoch: int) -> str:
-        return f"Epoch {current_epoch}"
+        return "Training"
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # resumed mid-epoch
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         if isinstance(metrics.get("lr"), float):
             metrics["lr"] = f"{metrics['lr']:.2e}"
+        loader = trainer.train_dataloader
+        if hasattr(loader, "epoch"):
+            metrics["epoch"] = loader.epoch
         return metrics
 
 
@@ -80,27 +95,118 @@ class Preempted(UserError):
     """The run was stopped by SIGTERM (e.g. a preempted or timed-out cluster job) after saving a checkpoint."""
 
 
-class SaveOnPreemption(pl.Callback):
-    """On SIGTERM (SLURM sends it before the time limit), save `last.ckpt`, then let the run stop.
+def rewind_to_last_update(checkpoint: dict[str, Any], pending_micro_batches: int, val_check_batch: float) -> None:
+    """Make Lightning's loop counters in `checkpoint` those of the end of the last finished optimizer update.
 
-    Lightning alone stops on SIGTERM but saves nothing; it raises SIGTERMException after the current batch,
-    which reaches this hook with the model, optimizer, scheduler and data position intact.
+    A checkpoint taken inside an accumulation window holds no partial gradients, and the data position and token
+    count move only at updates (loader.ResumableLoader.commit); Lightning's batch counters must agree, or a resume
+    would shift every later window. The result is the state Lightning itself saves after a batch has finished
+    (RESTARTED_ON_LAST); where a validation was due at that batch, Lightning expects the step counter from before
+    its final increment and skips the validation on resume (it ran before the checkpoint was taken).
+    """
+    fit = checkpoint["loops"]["fit_loop"]
+    progress = fit["epoch_loop.batch_progress"]
+    done = progress["total"]["completed"] - pending_micro_batches
+    for scope in ("total", "current"):
+        end = progress[scope]["completed"] - pending_micro_batches
+        progress[scope].update(ready=end, started=end, processed=end, completed=end)
+    progress["is_last_batch"] = False
+    if val_check_batch != float("inf") and done > 0 and done % int(val_check_batch) == 0:
+        fit["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+
+
+class ResumeCheckpoint(pl.Callback):
+    """`last.ckpt`, the one checkpoint `resume=` continues from, always the newest and always at an update boundary.
+
+    Written at the start of the batch after an update (so every hook of that update, validation included, has
+    run): every `every_n_train_steps` updates, after each validation, on SIGTERM, and when training ends. A
+    SIGTERM (SLURM sends it before the time limit) is acted on at the next micro-batch: the checkpoint points at
+    the current window's start, the window's partial gradients are dropped, and the run stops at once. A SIGTERM
+    during a validation lets that validation finish first: it belongs to the update before it.
     """
 
-    def __init__(self, dirpath: str):
-        self.dirpath = Path(dirpath)
+    def __init__(self, dirpath: str, every_n_train_steps: int = 100, filename: str = "last.ckpt"):
+        self.path = Path(dirpath) / filename
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_step = -1
+        self._validated = False
+        self.sigterm = False
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._saved_step = trainer.global_step  # the state it resumed from is on disk already
+        if threading.current_thread() is threading.main_thread():
+            lightning_handler = signal.getsignal(signal.SIGTERM)
+
+            def on_sigterm(signum, frame):
+                if callable(lightning_handler):  # Lightning's handler forwards SIGTERM to DDP children
+                    lightning_handler(signum, frame)
+                # ...and would raise at the end of this batch or inside a validation; we stop at an update instead.
+                trainer._signal_connector.received_sigterm = False
+                self.sigterm = True
+
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        stop = self._sigterm_on_any_rank(trainer)
+        at_boundary = getattr(pl_module, "_micro_batches", 0) == 0
+        due = trainer.global_step % self.every_n_train_steps == 0 or self._validated
+        if stop or (at_boundary and due and trainer.global_step > self._saved_step):
+            self.save(trainer, pl_module)
+        if stop:
+            raise SIGTERMException()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer, pl_module)
+
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pending = getattr(pl_module, "_micro_batches", 0)
+        trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes
+        self._saved_step, self._validated = trainer.global_step, False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        pending = getattr(self, "_pending", None)
+        if pending is not None:  # only checkpoints this callback writes; the best ones are Lightning's own
+            rewind_to_last_update(checkpoint, pending, trainer.val_check_batch)
+            self._pending = None
+
+    @staticmethod
+    def _sigterm_on_any_rank(trainer: pl.Trainer) -> bool:
+        callback = next(c for c in trainer.callbacks if isinstance(c, ResumeCheckpoint))
+        flag = callback.sigterm
+        if trainer.world_size > 1:  # a SIGTERM may reach only some ranks: all stop at the same micro-batch
+            flag = bool(trainer.strategy.reduce(torch.tensor(float(flag)), reduce_op="max"))
+        return flag
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` for the best validation loss that, on resume, removes best files the resumed run will
+    redo: ones written after the checkpoint it resumes from (a crash between the two writes), so `save_top_k`
+    holds and `resolve_checkpoint` never picks a model from an abandoned continuation."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not trainer.is_global_zero or self.dirpath is None or not trainer.global_step:
+            return
+        kept = {Path(p).resolve() for p in self.best_k_models} | {Path(self.best_model_path).resolve()}
+        for path in Path(self.dirpath).glob("best-*.ckpt"):
+            step = re.search(r"step(\d+)", path.name)
+            if path.resolve() not in kept and step and int(step.group(1)) > trainer.global_step:
+                log.info("removing %s: written after the checkpoint this run resumes from", path.name)
+                path.unlink()
 
 
 class DivergenceGuard(pl.Callback):
-    """Stop at the first non-finite loss or gradient norm, or after `patience` steps with loss > `max_loss`;
-    warn about a loss spike (over `spike_factor` x the median of the last `spike_window` batches).
+    """Stop at the first non-finite loss or gradient norm, or after `patience` updates with loss > `max_loss`;
+    warn about a loss spike (over `spike_factor` x the median of the last `spike_window` updates).
 
-    Raising before the optimizer step keeps NaNs out of the weights, and Lightning saves no checkpoint on
-    an exception, so `last.ckpt` stays the last good one. Also logs `train/grad_norm` every step.
+    It reads each update's token-weighted loss and its gradient norm after the rescale (`MaskedLMModule.last_update`),
+    so `max_loss`, the spike factor and both windows mean the same at any `accumulate_grad_batches`. Raising before
+    the optimizer step keeps NaNs out of the weights, and the last checkpoint stays the last good one. Its windows
+    are saved in checkpoints, so a resumed run judges as the uninterrupted one would.
     """
 
     def __init__(self, max_loss: float = 10.0, patience: int = 20, spike_factor: float = 1.5, spike_window: int = 50):
@@ -109,38 +215,25 @@ class DivergenceGuard(pl.Callback):
         self._steps_above = 0
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if isinstance(trainer.strategy, FSDPStrategy):
-            # Each rank holds a shard: the root module's norm is the global one on every rank (max_norm inf
-            # scales nothing), so all ranks stop together. Not exercised by the tests: FSDP needs GPUs.
-            norm = float(trainer.model.clip_grad_norm_(float("inf")))
-        else:  # one device, or DDP (gradients already averaged, identical on every rank)
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        step = trainer.global_step
-        if not math.isfinite(norm):
-            raise TrainingDiverged(step, f"gradient norm is {norm}")
-        for logger in trainer.loggers:
-            logger.log_metrics({"train/grad_norm": norm}, step=step)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-        step = max(trainer.global_step - 1, 0)  # the update this batch belonged to (or the one before it)
+        update = getattr(pl_module, "last_update", None)
+        if update is None:
+            return
+        loss, norm, step = float(update.loss), float(update.grad_norm), update.step
         if not math.isfinite(loss):
             raise TrainingDiverged(step, f"loss is {loss}")
+        if not math.isfinite(norm) and getattr(trainer.precision_plugin, "scaler", None) is None:
+            raise TrainingDiverged(step, f"gradient norm is {norm}")  # (fp16's loss scaler skips such steps)
         if len(self.recent) >= 10 and loss > self.spike_factor * statistics.median(self.recent):
             log.warning("loss spike at step %d: %.4g, over %g x the recent median", step, loss, self.spike_factor)
         self.recent.append(loss)
         self._steps_above = self._steps_above + 1 if loss > self.max_loss else 0
         if self._steps_above >= self.patience:
-            raise TrainingDiverged(step, f"loss above {self.max_loss} for {self.patience} batches (now {loss:.3g})")
+            raise TrainingDiverged(step, f"loss above {self.max_loss} for {self.patience} updates (now {loss:.3g})")
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": list(self.recent), "steps_above": self._steps_above}
 
-class FaultInjector(pl.Callback):
-    """Tests only: kill this process with SIGKILL (no cleanup, as a crash) when a given step starts."""
-
-    def __init__(self, kill_at_step: int | None = None):
-        self.kill_at_step = kill_at_step
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        if self.kill_at_step is not None and trainer.global_step == self.kill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.recent.clear()
+        self.recent.extend(state_dict.get("recent", []))
+        self._steps_above = state_dict.get("steps_above", 0)

@@ -1,6 +1,7 @@
 """Load training checkpoints safely (weights_only) and move weights to and from Hugging Face directories."""
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,12 @@ from transformers import EsmForMaskedLM
 from .errors import ConfigError
 from .model import build_model
 from .tokenizer import load_tokenizer
+
+# Version 2: the data position lives in the training loader's state (loader.ResumableLoader), counters are at an
+# update boundary. A checkpoint without it (or older) cannot continue a run exactly.
+CHECKPOINT_FORMAT = 2
+FORMAT_KEY = "protein_mlm_format"
+BEST_LOSS = re.compile(r"val_loss(\d+(?:\.\d+)?)")
 
 ARCHITECTURE_FIELDS = (
     "num_hidden_layers",
@@ -23,21 +30,34 @@ ARCHITECTURE_FIELDS = (
 )
 
 
+def best_checkpoint(directory: Path) -> Path | None:
+    """The `best-*.ckpt` with the lowest validation loss in its name (the newest where a name carries none)."""
+
+    def rank(path: Path) -> tuple[float, float]:
+        match = BEST_LOSS.search(path.name)
+        return (float(match.group(1)) if match else float("inf"), -path.stat().st_mtime)
+
+    candidates = sorted(directory.glob("best-*.ckpt"), key=rank)
+    return candidates[0] if candidates else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A .ckpt file as given, or for a run dir its best checkpoint by val/loss (else last.ckpt)."""
     path = Path(path)
     if path.is_dir():
-        best = sorted((path / "checkpoints").glob("best-*.ckpt"))
-        path = best[-1] if best else path / "checkpoints" / "last.ckpt"
+        path = best_checkpoint(path / "checkpoints") or path / "checkpoints" / "last.ckpt"
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist; pass a .ckpt file or a run dir with checkpoints/")
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only=True: plain containers and tensors only, never arbitrary objects."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """torch.load with weights_only=True: plain containers and tensors only, never arbitrary objects.
+
+    `mmap=True` maps the tensors instead of reading them: checks that need only the metadata stay cheap.
+    """
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         reason = " ".join(str(e).split())[:200]
         raise ConfigError(f"cannot load checkpoint {path} ({reason}); is it a complete protein-mlm .ckpt?") from None
@@ -95,8 +115,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never leave a partial file behind; the previous checkpoint stays
+            raise

@@ -103,7 +103,8 @@ def resume_argv(argv: list[str]) -> list[str]:
             "pass the dir of a train.py run that saved a checkpoint (or use ckpt_path=<file>)"
         )
     pinned = {"resume", "ckpt_path", "hydra.run.dir", "hydra.output_subdir"}
-    original = [str(o) for o in OmegaConf.load(overrides_file) if _key(str(o)) not in pinned]
+    saved = OmegaConf.to_container(OmegaConf.load(overrides_file), resolve=False)  # keep ${...} as written
+    original = [str(o) for o in saved if _key(str(o)) not in pinned]
     new = [a for a in argv if _key(a) not in pinned]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     return [
@@ -113,6 +114,19 @@ def resume_argv(argv: list[str]) -> list[str]:
         f"hydra.run.dir={run_dir}",
         f"hydra.output_subdir=.hydra/resume-{stamp}",
     ]
+
+
+def check_saved_overrides(config_name: str, argv: list[str]) -> None:
+    """A run dir's saved overrides must still compose (a key renamed or removed since the run started)."""
+    run_dir = Path(next(a for a in argv if _key(a) == "hydra.run.dir").split("=", 1)[1])
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"), resolve=False)
+    try:
+        compose_checked(config_name, [str(o) for o in saved])
+    except ConfigError as e:
+        raise ConfigError(
+            f"resume={run_dir}: an override saved in {run_dir}/.hydra/overrides.yaml no longer fits this version: "
+            f"{e}"
+        ) from None
 
 
 def distributed_rank() -> int:
@@ -164,6 +178,7 @@ def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
         return argv
     if any(_key(arg) == "resume" for arg in argv):
         argv = resume_argv(argv)
+        check_saved_overrides(config_name, argv)
         check(compose_checked(config_name, argv))
         return argv
     cfg = compose_checked(config_name, argv)
@@ -222,12 +237,13 @@ def run_task(task, cfg: DictConfig) -> float:
     try:
         metrics = task(cfg)
     except Exception as e:
+        status = {"TrainingDiverged": "diverged", "Preempted": "preempted"}.get(type(e).__name__, "failed")
+        if distributed_rank() == 0 and Path(cfg.paths.output_dir).is_dir():
+            write_status(cfg.paths.output_dir, status, step=getattr(e, "step", None), message=_one_line(e))
         if not multirun:
             if isinstance(e, UserError):
                 fail(str(e))
             raise
-        status = "diverged" if type(e).__name__ == "TrainingDiverged" else "failed"
-        write_status(cfg.paths.output_dir, status, step=getattr(e, "step", None), message=_one_line(e))
         log.error("job %s: %s", status, _one_line(e))
         return math.inf
     return metrics.get("val/best_loss", math.inf)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .clusters import ClusterSampler, build_cluster_sampler, load_row_record_ids
 from .errors import ConfigError, DataError
+from .loader import ResumableLoader
 from .masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
 from .preprocess import (
     BUNDLED_FASTA,
@@ -23,7 +24,7 @@ from .preprocess import (
     residue_lengths,
     unigram_perplexity,
 )
-from .samplers import EpochSampler, TokenBudgetBatchSampler, padding_index
+from .samplers import EpochSampler, FixedSizeBatches, TokenBudgetBatchSampler, padding_index
 from .streaming import StreamingFastaDataset, fasta_files
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,9 @@ class ProteinDataModule(pl.LightningDataModule):
             self.train_files = fasta_files(self.train_path)
             return
         if self.splits is None:
-            self.splits, self.stats = load_splits(self.train_path, self.val_path, self.val_fraction, self.cache_dir)
+            self.splits, self.stats = load_splits(
+                self.train_path, self.val_path, self.val_fraction, self.cache_dir, cluster_map=self.cluster_map
+            )
             if self.stats.empty_removed:
                 log.warning("skipped %d FASTA records with an empty sequence", self.stats.empty_removed)
         if self.cluster_map is not None and self.clusters is None:
@@ -136,18 +139,22 @@ class ProteinDataModule(pl.LightningDataModule):
 
     def _cluster_sampler(self) -> ClusterSampler:
         """ESM-2's UniRef50 cluster sampling over the training rows; their record ids are cached beside the data."""
-        key = cache_key(self.train_path, self.val_path, val_fraction=self.val_fraction, record_ids=True)
+        key = cache_key(
+            self.train_path, self.val_path, self.cluster_map, val_fraction=self.val_fraction, record_ids=True
+        )
         row_ids = load_row_record_ids(self.train_path, self.splits["train"], self.cache_dir / f"{key}.train_ids.arrow")
         return build_cluster_sampler(self.cluster_map, row_ids, self.seed, source=str(self.train_path))
 
     def state_dict(self) -> dict[str, int]:
-        """Where the training data stands (saved in every checkpoint): epoch and batches consumed in it."""
+        """Streaming only (the map-style loader keeps its own position): batches consumed in the endless epoch."""
+        if not self.streaming:
+            return {}
         batches_done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": self.trainer.current_epoch, "batches": batches_done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """On resume, the next train loader skips the batches of the interrupted epoch already trained on."""
-        self._resume = dict(state)
+        """Streaming: on resume, the next train loader skips the batches already trained on."""
+        self._resume = dict(state) if state else None
 
     def train_tokens(self) -> int | None:
         """Tokens per epoch after cropping; None when streaming (unknown until read)."""
@@ -195,42 +202,39 @@ class ProteinDataModule(pl.LightningDataModule):
         """(world size, global rank) of the Trainer this DataModule serves; (1, 0) outside one."""
         return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = MaskedSequenceDataset(self.splits[split], self.max_length, self.seed, self.mask_prob)
+    def _batcher(self, split: str, shuffle: bool):
+        """The batch sampler of a split: token-budget batches, or `batch_size` samples (validation in length order)."""
         # DDP: the samplers shard each epoch by rank themselves (Trainer use_distributed_sampler=False), since
         # Lightning cannot inject its DistributedSampler into a token-budget batch sampler.
         num_replicas, rank = self.replicas()
         lengths = self.token_lengths(split)
-        common = dict(
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-        resume, self._resume = (self._resume, None) if shuffle else (None, self._resume)
         # Validation never samples by cluster: it scores every held-out sequence.
         epoch_indices = self.clusters.epoch_indices if shuffle and self.clusters is not None else None
         shared = dict(
             shuffle=shuffle, fixed=not shuffle, epoch_indices=epoch_indices, num_replicas=num_replicas, rank=rank
         )
         if self.max_tokens is not None:
-            sampler = TokenBudgetBatchSampler(lengths, self.max_tokens, self.seed, **shared)
-            if resume:
-                sampler.resume = (resume["epoch"], resume["batches"])
-            return DataLoader(dataset, batch_sampler=sampler, **common)
-        # Validation in length order, so its batches carry little padding.
-        order = None if shuffle else np.argsort(lengths, kind="stable")
-        sampler = EpochSampler(len(lengths), self.seed, order=order, **shared)
-        if resume:
-            sampler.resume = (resume["epoch"], resume["batches"] * self.batch_size)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
+            return TokenBudgetBatchSampler(lengths, self.max_tokens, self.seed, **shared)
+        order = None if shuffle else np.argsort(lengths, kind="stable")  # validation: little padding
+        return EpochSampler(len(lengths), self.seed, order=order, **shared)
 
-    def train_dataloader(self) -> DataLoader:
+    def _dataset(self, split: str) -> MaskedSequenceDataset:
+        return MaskedSequenceDataset(self.splits[split], self.max_length, self.seed, self.mask_prob)
+
+    def train_dataloader(self) -> ResumableLoader | DataLoader:
         if self.streaming:
             resume, self._resume = self._resume, None
             return self._streaming_loader(resume)
-        return self._loader("train", shuffle=True)
+        batcher = self._batcher("train", shuffle=True)
+        if isinstance(batcher, EpochSampler):
+            batcher = FixedSizeBatches(batcher, self.batch_size)
+        return ResumableLoader(self._dataset("train"), batcher, collate, self.num_workers, self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
         # Masks are fixed (epoch 0) at every evaluation, so val/loss is comparable across steps and runs.
-        return self._loader("val", shuffle=False)
+        sampler = self._batcher("val", shuffle=False)
+        common = dict(collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        common["persistent_workers"] = self.num_workers > 0
+        if isinstance(sampler, EpochSampler):
+            return DataLoader(self._dataset("val"), batch_size=self.batch_size, sampler=sampler, **common)
+        return DataLoader(self._dataset("val"), batch_sampler=sampler, **common)

@@ -2,6 +2,7 @@
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,7 +12,8 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
-from .checkpoint import load_pretrained_into
+from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_pretrained_into
+from .loader import POSITION_KEY
 from .masking import IGNORE_INDEX
 from .model import build_model
 from .perf import flops_per_step
@@ -32,6 +34,18 @@ def parameter_groups(model: torch.nn.Module, no_decay_bias_and_norm: bool) -> li
     exempt_ids = {id(p) for p in exempt}
     decay = [p for _, p in trainable if id(p) not in exempt_ids]
     return [{"params": decay, "name": "decay"}, {"params": exempt, "name": "no_decay", "weight_decay": 0.0}]
+
+
+@dataclass
+class UpdateStats:
+    """One optimizer update, as device tensors: what the divergence guard and the logs read."""
+
+    step: int  # the update's index (the LR monitor's step)
+    loss: torch.Tensor  # token-weighted mean over the update's micro-batches and ranks: the optimised objective
+    grad_norm: torch.Tensor  # global gradient norm after the rescale, before clipping
+    tokens: torch.Tensor  # real (non-pad) tokens on this rank
+    padded: torch.Tensor  # padded tokens on this rank
+    squared_lengths: torch.Tensor  # sum of sequence lengths squared on this rank (attention FLOPs)
 
 
 class MaskedLMModule(pl.LightningModule):
@@ -66,53 +80,104 @@ class MaskedLMModule(pl.LightningModule):
         self.schedule = schedule
         self.val_loss_sum, self.val_targets, self.val_correct = SumMetric(), SumMetric(), SumMetric()
         self.tokens_seen = 0  # real (non-pad) tokens trained on, kept across resumes
-        self._window = [0.0, 0, 0, 0, 0]  # loss * targets, targets, real tokens, padded tokens, sum of lengths^2
+        self._window = [0.0, 0, 0, 0, 0]  # summed loss, targets, real tokens, padded tokens, sum of lengths^2
+        self._micro_batches = 0  # micro-batches of the current update so far
+        self._window_position: tuple[int, int] | None = None  # data position of the window's latest batch
+        self.last_update: UpdateStats | None = None  # the last finished update, until it is logged
         self._last_step_time: float | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, vocab)
 
     def _masked_lm(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean loss over masked positions, their count, and how many were predicted right."""
+        """Summed loss over the masked positions, their count, and the logits."""
         logits = self(batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"]
-        targets = labels.ne(IGNORE_INDEX)
-        n_targets = targets.sum()
-        # Cross-entropy in fp32 even under bf16 autocast: it is a sum over many small terms.
-        loss_sum = F.cross_entropy(logits[targets].float(), labels[targets], reduction="sum", ignore_index=IGNORE_INDEX)
-        correct = (logits[targets].argmax(-1) == labels[targets]).sum()
-        return loss_sum / n_targets.clamp(min=1), n_targets, correct
+        # Every position with ignore_index, no boolean-mask indexing (a host sync on a GPU); the cross-entropy
+        # runs in fp32 even under bf16 autocast, since it is a sum over many small terms.
+        loss_sum = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return loss_sum, labels.ne(IGNORE_INDEX).sum(), logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, n_targets, _ = self._masked_lm(batch)
+        """Returns the summed token loss; `on_after_backward` turns the update's gradient into a token mean."""
+        loss_sum, n_targets, _ = self._masked_lm(batch)
         if self.trainer.global_step == self.hparams.inject_nan_at_step:  # fault injection for tests
-            loss = loss * float("nan")
-        # Kept as tensors until the optimizer step, so a GPU syncs once per step, not per micro-batch.
-        self._window[0] += loss.detach() * n_targets
-        self._window[1] += n_targets
-        self._window[2] += batch["input_ids"].ne(PAD_ID).sum()
-        self._window[3] += batch["input_ids"].numel()
-        self._window[4] += batch["attention_mask"].sum(1).square().sum()  # attention FLOPs grow with length^2
-        self.log("loss", loss.detach(), prog_bar=True, logger=False)  # progress bar only; see below
+            loss_sum = loss_sum * float("nan")
+        # Kept as tensors until the update ends, so a GPU syncs once per update, not per micro-batch.
+        window = self._window
+        window[0] += loss_sum.detach()
+        window[1] += n_targets
+        window[2] += batch["input_ids"].ne(PAD_ID).sum()
+        window[3] += batch["input_ids"].numel()
+        window[4] += batch["attention_mask"].sum(1).square().sum()  # attention FLOPs grow with length^2
+        self._micro_batches += 1
+        self._window_position = batch.get(POSITION_KEY)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, logger=False)
-        return loss
+        return loss_sum
+
+    def _ends_update(self) -> bool:
+        """True on the micro-batch whose backward completes an optimizer update (Lightning then steps)."""
+        if self._micro_batches >= self.trainer.accumulate_grad_batches:
+            return True
+        return self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # a finite epoch's last, partial window
+
+    def on_after_backward(self) -> None:
+        """At an update's last micro-batch: make the gradient that of (sum of token losses) / (targets), over
+        all micro-batches and ranks (fairseq's and so ESM's objective), before anything reads or clips it."""
+        if not self._ends_update():
+            return
+        loss_sum, targets = self._window[0], self._window[1]
+        world = self.trainer.world_size
+        if world > 1:  # one collective for both totals; DDP has already averaged the gradients over ranks
+            totals = self.trainer.strategy.reduce(torch.stack([loss_sum, targets.to(loss_sum)]), reduce_op="sum")
+            loss_sum, targets = totals[0], totals[1]
+        # Lightning divided each micro-batch's loss by accumulate_grad_batches (also in a partial window), and
+        # DDP divides by the world size: undo both and divide by the update's target count instead.
+        scale = self.trainer.accumulate_grad_batches * world / targets.clamp(min=1)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, scale.to(grads[0]))
+        self.last_update = UpdateStats(
+            step=self.trainer.global_step,
+            loss=loss_sum / targets.clamp(min=1),
+            grad_norm=self._gradient_norm(grads),
+            tokens=self._window[2],
+            padded=self._window[3],
+            squared_lengths=self._window[4],
+        )
+        self._micro_batches = 0
+        self._window = [0.0, 0, 0, 0, 0]
+        self.tokens_seen += int(self.last_update.tokens)
+        loader = self.trainer.train_dataloader
+        if self._window_position is not None and hasattr(loader, "commit"):
+            loader.commit(self._window_position)  # a checkpoint from now on resumes after this update's batches
+
+    def _gradient_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The global gradient norm (the one clipping uses); under fp16 with a loss scaler, unscaled."""
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Each rank holds a shard: the root module's norm is the global one (max_norm inf scales nothing).
+            # Not exercised by the tests: Lightning's FSDP needs GPUs.
+            return self.trainer.model.clip_grad_norm_(float("inf"))
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return norm / scaler.get_scale() if scaler is not None else norm
 
     def on_train_start(self) -> None:
-        self._steps_logged = self.trainer.global_step
         self._last_step_time = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log once per optimizer step, at the step index the update used (as the LR monitor does)."""
-        if self.trainer.global_step == self._steps_logged:
+        """Log once per optimizer update, at the step index the update used (as the LR monitor does)."""
+        update, self.last_update = self.last_update, None
+        if update is None:
             return  # still accumulating gradients
-        self._steps_logged = self.trainer.global_step
-        loss_sum, targets, tokens, padded, squared_lengths = (float(v) for v in self._window)
-        self._window = [0.0, 0, 0, 0, 0]
-        tokens = int(tokens)
-        self.tokens_seen += tokens
+        loss, grad_norm, tokens, padded, squared_lengths = (
+            float(v) for v in (update.loss, update.grad_norm, update.tokens, update.padded, update.squared_lengths)
+        )
         now = time.perf_counter()
         metrics = {
-            "train/loss": loss_sum / max(targets, 1),
+            "train/loss": loss,
+            "train/grad_norm": grad_norm,
             "train/tokens_seen": float(self.tokens_seen),
             "perf/padding_efficiency": tokens / max(padded, 1),  # real / padded tokens of this step's batches
         }
@@ -127,18 +192,20 @@ class MaskedLMModule(pl.LightningModule):
             if self.hparams.peak_tflops:
                 metrics["perf/mfu"] = metrics["perf/tflops"] / self.hparams.peak_tflops
         self._last_step_time = now
+        self.log("loss", loss, prog_bar=True, logger=False)  # the progress bar's per-update loss
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.trainer.global_step - 1)
+            logger.log_metrics(metrics, step=update.step)
 
     def on_validation_epoch_start(self) -> None:
         for metric in (self.val_loss_sum, self.val_targets, self.val_correct):
             metric.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, n_targets, correct = self._masked_lm(batch)
-        self.val_loss_sum.update(loss * n_targets)
+        loss_sum, n_targets, logits = self._masked_lm(batch)
+        labels = batch["labels"]
+        self.val_loss_sum.update(loss_sum)
         self.val_targets.update(n_targets)
-        self.val_correct.update(correct)
+        self.val_correct.update((logits.argmax(-1).eq(labels) & labels.ne(IGNORE_INDEX)).sum())
 
     def on_validation_epoch_end(self) -> None:
         """Token-weighted over the whole validation set (not a mean of per-batch means)."""
@@ -166,7 +233,8 @@ class MaskedLMModule(pl.LightningModule):
         """Clip the global norm ourselves when no loss scaler is in play (fp32, bf16-mixed): one device, DDP, FSDP.
 
         Lightning refuses to clip for a fused optimizer under any mixed-precision plugin, bf16 included, because
-        with fp16's GradScaler the fused step unscales internally; bf16 has no scaler, so clipping is safe.
+        with fp16's GradScaler the fused step unscales internally; bf16 has no scaler, so clipping is safe. The
+        norm is the one `on_after_backward` computed for this update, not a second pass over the gradients.
         """
         by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
         no_scaler = getattr(self.trainer.precision_plugin, "scaler", None) is None
@@ -176,13 +244,17 @@ class MaskedLMModule(pl.LightningModule):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
             return
         if by_norm and no_scaler and isinstance(self.trainer.strategy, SingleDeviceStrategy | DDPStrategy):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if self.last_update is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self.last_update.grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["tokens_seen"] = self.tokens_seen  # counted at updates only, like the data position
+        checkpoint[FORMAT_KEY] = CHECKPOINT_FORMAT
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

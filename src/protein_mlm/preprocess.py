@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 
+from .clusters import read_cluster_map
 from .errors import DataError
 from .fasta import read_fasta
 from .tokenizer import VOCAB, encode_residues
@@ -48,6 +49,15 @@ def is_val_sequence(residues: bytes, val_fraction: float) -> bool:
     """Deterministic split by content hash: file order does not matter and duplicates cannot straddle it."""
     digest = hashlib.blake2b(residues, digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def holds_out(record_id: str, residues: bytes, val_fraction: float, cluster_of: dict[str, str] | None) -> bool:
+    """Whether a record goes to validation: by its cluster's name when it has one (whole clusters are held out,
+    so no close homolog of a validation sequence is trained on), else by its content."""
+    cluster = cluster_of.get(record_id) if cluster_of else None
+    if cluster is None:
+        return is_val_sequence(residues, val_fraction)
+    return is_val_sequence(b"cluster:" + cluster.encode(), val_fraction)
 
 
 class DigestSet:
@@ -85,36 +95,37 @@ class DigestSet:
 
 def _unique_sequences(
     path: Path, seen: DigestSet, counts: dict[str, int], exclude: DigestSet | None = None
-) -> Iterator[bytes]:
-    """Residue strings of a FASTA in file order, exact duplicates, empty records and those in `exclude` dropped.
+) -> Iterator[tuple[str, bytes]]:
+    """(record id, residues) of a FASTA in file order, exact duplicates, empty records and those in `exclude`
+    dropped.
 
     Duplicates are found by 16-byte blake2b digest, a chunk of records at a time, not by keeping the sequences.
     `counts` gains the records read, the empty ones, the duplicates and the excluded ones.
     """
-    chunk: list[bytes] = []
-    for _, residues in read_fasta(path):
+    chunk: list[tuple[str, bytes]] = []
+    for record_id, residues in read_fasta(path):
         counts["records"] += 1
         if not residues:
             counts["empty"] += 1
             continue
-        chunk.append(residues)
+        chunk.append((record_id, residues))
         if len(chunk) >= CHUNK_RECORDS:
             yield from _first_seen(chunk, seen, counts, exclude)
             chunk = []
     yield from _first_seen(chunk, seen, counts, exclude)
 
 
-def _first_seen(chunk: list[bytes], seen: DigestSet, counts: dict[str, int], exclude: DigestSet | None):
+def _first_seen(chunk: list[tuple[str, bytes]], seen: DigestSet, counts: dict[str, int], exclude: DigestSet | None):
     if not chunk:
         return
-    digests = np.array([hashlib.blake2b(r, digest_size=16).digest() for r in chunk], dtype="S16")
+    digests = np.array([hashlib.blake2b(r, digest_size=16).digest() for _, r in chunk], dtype="S16")
     keep = seen.add(digests)
     counts["duplicates"] += len(chunk) - int(keep.sum())
     if exclude is not None:
         excluded = keep & exclude.contains(digests)
         counts["excluded"] = counts.get("excluded", 0) + int(excluded.sum())
         keep &= ~excluded
-    yield from (residues for residues, k in zip(chunk, keep) if k)
+    yield from (record for record, k in zip(chunk, keep) if k)
 
 
 class _ArrowSplitWriter:
@@ -159,9 +170,14 @@ def cache_key(*paths: Path | None, **settings) -> str:
 
 
 def build_splits(
-    train_path: Path, val_path: Path | None, val_fraction: float, out_dir: Path | None = None
+    train_path: Path,
+    val_path: Path | None,
+    val_fraction: float,
+    out_dir: Path | None = None,
+    cluster_of: dict[str, str] | None = None,
 ) -> tuple[dict, SplitStats]:
     """Read, deduplicate and split; with a separate val file, drop its sequences from train (no leakage).
+    `cluster_of` (record id -> cluster) holds out whole clusters instead of single sequences.
 
     One streaming pass per file writes `train.arrow` / `val.arrow` into `out_dir` (a new temporary dir by
     default) in file order; memory grows only by the 16-byte digest of each unique sequence.
@@ -171,13 +187,13 @@ def build_splits(
     writers = {name: _ArrowSplitWriter(out_dir / f"{name}.arrow") for name in ("train", "val")}
     counts = {"records": 0, "empty": 0, "duplicates": 0, "excluded": 0}
     if val_path is None:
-        for residues in _unique_sequences(train_path, DigestSet(), counts):
-            writers["val" if is_val_sequence(residues, val_fraction) else "train"].add(residues)
+        for record_id, residues in _unique_sequences(train_path, DigestSet(), counts):
+            writers["val" if holds_out(record_id, residues, val_fraction, cluster_of) else "train"].add(residues)
     else:
         val_digests = DigestSet()
-        for residues in _unique_sequences(val_path, val_digests, {"records": 0, "empty": 0, "duplicates": 0}):
+        for _, residues in _unique_sequences(val_path, val_digests, {"records": 0, "empty": 0, "duplicates": 0}):
             writers["val"].add(residues)
-        for residues in _unique_sequences(train_path, DigestSet(), counts, exclude=val_digests):
+        for _, residues in _unique_sequences(train_path, DigestSet(), counts, exclude=val_digests):
             writers["train"].add(residues)
     splits = {name: writer.close() for name, writer in writers.items()}
     if not len(splits["train"]) or not len(splits["val"]):
@@ -192,18 +208,53 @@ def build_splits(
     return splits, stats
 
 
+def remove_abandoned_builds(cache_dir: Path, key: str) -> None:
+    """Delete half-built caches of `key` whose process is gone (killed during preprocessing)."""
+    for folder in cache_dir.glob(f".{key}-*"):
+        pid = folder.name.split("-")[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def record_clusters(fasta: Path, cluster_map: Path) -> dict[str, str]:
+    """{record id: cluster} for the records of `fasta` that the map names."""
+    wanted = {record_id for record_id, _ in read_fasta(fasta)}
+    mapping, _ = read_cluster_map(cluster_map, wanted=wanted)
+    return {member: cluster for cluster, members in mapping.items() for member in members}
+
+
 def load_splits(
-    train_path: Path, val_path: Path | None, val_fraction: float, cache_dir: Path
+    train_path: Path,
+    val_path: Path | None,
+    val_fraction: float,
+    cache_dir: Path,
+    cluster_map: Path | None = None,
 ) -> tuple[dict[str, datasets.Dataset], SplitStats]:
-    """Memory-mapped Arrow splits, built once per input and reused from `cache_dir` afterwards."""
-    key = cache_key(train_path, val_path, val_fraction=None if val_path else val_fraction)
+    """Memory-mapped Arrow splits, built once per input and reused from `cache_dir` afterwards.
+
+    With a `cluster_map` and no `val_path`, validation holds out whole clusters.
+    """
+    cluster_map = cluster_map if val_path is None else None
+    key = cache_key(train_path, val_path, cluster_map, val_fraction=None if val_path else val_fraction)
     target = cache_dir / key
     if not (target / "stats.json").is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_builds(cache_dir, key)
         # Build beside the target and rename, so concurrent runs never read a half-written cache.
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}-"))
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}-{os.getpid()}-"))
         try:
-            _, stats = build_splits(train_path, val_path, val_fraction, out_dir=tmp)
+            cluster_of = record_clusters(train_path, cluster_map) if cluster_map else None
+            _, stats = build_splits(train_path, val_path, val_fraction, out_dir=tmp, cluster_of=cluster_of)
             (tmp / "stats.json").write_text(json.dumps(stats.__dict__))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -226,7 +277,7 @@ def load_sequences(path: Path, cache_dir: Path) -> datasets.Dataset:
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}-")
         os.close(fd)
         writer = _ArrowSplitWriter(Path(tmp))
-        for residues in _unique_sequences(path, DigestSet(), {"records": 0, "empty": 0, "duplicates": 0}):
+        for _, residues in _unique_sequences(path, DigestSet(), {"records": 0, "empty": 0, "duplicates": 0}):
             writer.add(residues)
         if not len(writer.close()):
             os.unlink(tmp)

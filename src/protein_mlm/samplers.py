@@ -1,4 +1,8 @@
-"""Samplers that yield (epoch, index): per-epoch shuffles, fairseq-style token-budget batches, mid-epoch resume."""
+"""Which samples each epoch serves, and in which batches: per-epoch shuffles, fairseq-style token-budget batches.
+
+Everything here is a pure function of (seed, epoch, rank): training's `loader.ResumableLoader` asks for an epoch's
+batches by number, so the epoch never depends on a framework calling `set_epoch`.
+"""
 
 from collections.abc import Callable
 
@@ -35,7 +39,7 @@ def _served(order: np.ndarray, positions: np.ndarray, weightless_padding: bool) 
 class EpochSampler(Sampler):
     """Yields (epoch, index) so the dataset knows the epoch even inside worker processes.
 
-    Training: a fresh permutation per epoch from (seed, epoch); Lightning calls `set_epoch`.
+    Training: a fresh permutation per epoch from (seed, epoch) (`epoch_order`, cut into batches by `FixedSizeBatches`).
     Validation: `fixed=True` keeps epoch 0 and a given order, so every evaluation sees the same masks.
     `epoch_indices(epoch)`, when given, picks the rows an epoch covers (cluster sampling); they are then shuffled.
     """
@@ -56,7 +60,6 @@ class EpochSampler(Sampler):
         self.order = np.arange(num_samples) if order is None else np.asarray(order)
         self.epoch_indices = epoch_indices
         self.epoch = 0
-        self.resume: tuple[int, int] | None = None  # (epoch, samples already served in it)
 
     def set_epoch(self, epoch: int) -> None:
         if not self.fixed:
@@ -66,17 +69,34 @@ class EpochSampler(Sampler):
         total = self.num_samples if self.epoch_indices is None else len(self.epoch_indices(self.epoch))
         return len(rank_share(total, self.num_replicas, self.rank))
 
-    def __iter__(self):
-        order = self.order if self.epoch_indices is None else np.asarray(self.epoch_indices(self.epoch))
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices of one epoch, in the order they are served."""
+        order = self.order if self.epoch_indices is None else np.asarray(self.epoch_indices(epoch))
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = order[torch.randperm(len(order), generator=generator).numpy()]
         if self.num_replicas > 1:
             order = _served(order, rank_share(len(order), self.num_replicas, self.rank), self.fixed)
-        if self.resume and self.resume[0] == self.epoch:  # continue mid-epoch after a restart
-            order, self.resume = order[self.resume[1] :], None
-        for index in order:
+        return order
+
+    def __iter__(self):
+        for index in self.epoch_order(self.epoch):
             yield self.epoch, int(index)
+
+
+class FixedSizeBatches:
+    """Training batches of `batch_size` samples: an `EpochSampler`'s epoch order cut into consecutive chunks."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int):
+        self.sampler, self.batch_size = sampler, batch_size
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of one epoch, in the order they are served."""
+        if self._cache is None or self._cache[0] != epoch:
+            order = self.sampler.epoch_order(epoch)
+            self._cache = (epoch, [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)])
+        return self._cache[1]
 
 
 class TokenBudgetBatchSampler(Sampler):
@@ -109,7 +129,6 @@ class TokenBudgetBatchSampler(Sampler):
         self.epoch_indices = epoch_indices
         self.num_replicas, self.rank = num_replicas, rank  # DDP: this rank serves batches rank, rank + W, ...
         self._cache: tuple[int, list[np.ndarray]] | None = None
-        self.resume: tuple[int, int] | None = None  # (epoch, batches already served in it)
 
     def set_epoch(self, epoch: int) -> None:
         if not self.fixed:
@@ -148,9 +167,5 @@ class TokenBudgetBatchSampler(Sampler):
         return len(self.rank_batches(self.epoch))
 
     def __iter__(self):
-        epoch = self.epoch
-        batches = self.rank_batches(epoch)
-        if self.resume and self.resume[0] == epoch:  # continue mid-epoch after a restart
-            batches, self.resume = batches[self.resume[1] :], None
-        for batch in batches:
-            yield [(epoch, int(i)) for i in batch]
+        for batch in self.rank_batches(self.epoch):
+            yield [(self.epoch, int(i)) for i in batch]

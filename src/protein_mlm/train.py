@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .callbacks import Preempted
-from .checkpoint import load_checkpoint
+from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
 from .data import check_streaming_options
 from .errors import ConfigError
 from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
@@ -110,7 +110,14 @@ def check_checkpoint_matches(cfg: DictConfig) -> None:
     """The checkpoint to continue from must load safely and hold the requested architecture."""
     if not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file")
-    saved = load_checkpoint(cfg.ckpt_path)["hyper_parameters"]["architecture"]
+    checkpoint = load_checkpoint(cfg.ckpt_path, mmap=True)  # metadata only: the tensors stay on disk
+    if checkpoint.get(FORMAT_KEY, 1) < CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"checkpoint {cfg.ckpt_path} was written by an older protein-mlm (format {checkpoint.get(FORMAT_KEY, 1)}) "
+            "whose data position cannot be restored exactly; start a new run, or continue from its weights with "
+            "model.init_from=<a directory written by scripts/export_hf.py>"
+        )
+    saved = checkpoint["hyper_parameters"]["architecture"]
     wanted = OmegaConf.to_container(cfg.model.architecture, resolve=True)
     differing = [
         f"{k}: {saved.get(k)} in the checkpoint, {wanted.get(k)} requested"
@@ -150,6 +157,12 @@ def accumulation_steps(cfg: DictConfig) -> int:
         raise ConfigError("data.tokens_per_update needs a token budget per batch; set data.max_tokens too")
     per_micro_batch = cfg.data.max_tokens * num_devices(cfg.trainer) * cfg.trainer.get("num_nodes", 1)
     return max(1, math.ceil(target / per_micro_batch))
+
+
+def validation_interval(cfg: DictConfig, accumulate: int) -> int | float:
+    """`trainer.val_check_interval` (in updates) as the micro-batch count Lightning wants."""
+    interval = cfg.trainer.val_check_interval
+    return interval * accumulate if isinstance(interval, int) else interval
 
 
 def build_schedule(cfg: DictConfig):
@@ -251,6 +264,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, unused_path(run_dir / "config.yaml"), resolve=True)  # a resume keeps the original
+        write_status(run_dir, "running")  # replaced by how it ends; a killed run keeps "running"
     if main_process and cfg.get("print_config", True):
         print_config_tree(cfg)
 
@@ -270,7 +284,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision, accumulate_grad_batches=accumulate
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        precision=precision,
+        accumulate_grad_batches=accumulate,
+        # Lightning counts micro-batches; the config counts updates, so validation never lands inside a window.
+        val_check_interval=validation_interval(cfg, accumulate),
     )
     if main_process:
         plot_lr_curves(
@@ -281,10 +301,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except SIGTERMException:
-        raise Preempted(
+        error = Preempted(
             f"stopped by SIGTERM after step {trainer.global_step}; saved checkpoints/last.ckpt; "
             f"continue with resume={run_dir}"
-        ) from None
+        )
+        error.step = trainer.global_step
+        raise error from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["val/unigram_perplexity"] = datamodule.val_unigram_perplexity()

@@ -1,0 +1,67 @@
+"""Callbacks that make interruptions and data order observable: for the stop-and-go tests and for debugging."""
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from ..loader import POSITION_KEY
+
+
+class Interrupt(pl.Callback):
+    """Send this process SIGKILL (a crash) or SIGTERM (a preemption) at one chosen point of training.
+
+    At the start of micro-batch `micro_batch` of update `at_step`, or, with `in_validation=true`, after the first
+    batch of the validation that follows update `at_step`.
+    """
+
+    def __init__(self, at_step: int, signal_name: str = "KILL", micro_batch: int = 0, in_validation: bool = False):
+        self.at_step, self.micro_batch, self.in_validation = at_step, micro_batch, in_validation
+        self.signal = getattr(signal, f"SIG{signal_name.upper().removeprefix('SIG')}")
+        self._sent = False
+
+    def _send(self) -> None:
+        if not self._sent:
+            self._sent = True
+            os.kill(os.getpid(), self.signal)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        pending = getattr(pl_module, "_micro_batches", 0)
+        if not self.in_validation and trainer.global_step == self.at_step and pending == self.micro_batch:
+            self._send()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self.in_validation and not trainer.sanity_checking and trainer.global_step == self.at_step:
+            self._send()
+
+
+def batch_digest(batch: dict[str, Any]) -> str:
+    """A short digest of a batch's token ids and labels: equal digests, equal training content."""
+    digest = hashlib.blake2b(digest_size=8)
+    for key in ("input_ids", "labels"):
+        digest.update(batch[key].cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class BatchRecorder(pl.Callback):
+    """Append one JSON line per training micro-batch: update, micro-batch, data position, content digest."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        record = {
+            "rank": trainer.global_rank,
+            "step": trainer.global_step,
+            "micro": getattr(pl_module, "_micro_batches", 0),
+            "position": list(batch.get(POSITION_KEY, ())),
+            "digest": batch_digest(batch),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.path if trainer.world_size == 1 else self.path.with_suffix(f".rank{trainer.global_rank}.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
