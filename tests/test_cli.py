@@ -108,7 +108,8 @@ def test_resume_of_a_run_whose_saved_override_names_a_removed_key(tmp_path):
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
     (run_dir / ".hydra").mkdir()
-    (run_dir / ".hydra" / "overrides.yaml").write_text("- model=tiny\n- callbacks.last_checkpoint.every_n_train_steps=4\n")
+    removed_key = "callbacks.last_checkpoint.every_n_train_steps=4"  # a key of an earlier version
+    (run_dir / ".hydra" / "overrides.yaml").write_text(f"- model=tiny\n- {removed_key}\n")
     result = run_cli(f"resume={run_dir}", cwd=tmp_path)
     assert_user_error(result, "overrides.yaml no longer fits this version", "callbacks.last_checkpoint")
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints"]  # nothing written
