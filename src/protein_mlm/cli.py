@@ -124,8 +124,7 @@ def check_saved_overrides(config_name: str, argv: list[str]) -> None:
         compose_checked(config_name, [str(o) for o in saved])
     except ConfigError as e:
         raise ConfigError(
-            f"resume={run_dir}: an override saved in {run_dir}/.hydra/overrides.yaml no longer fits this version: "
-            f"{e}"
+            f"resume={run_dir}: an override saved in {run_dir}/.hydra/overrides.yaml no longer fits this version: {e}"
         ) from None
 
 
