@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(VENV)/bin/pip install $(TORCH_CPU); fi
-	$(VENV)/bin/pip install -e '.[dev,sweep]'
+	$(VENV)/bin/pip install -e '.[dev,sweep,trackers]'
 	touch $@
 
 train: install

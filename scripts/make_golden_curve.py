@@ -58,7 +58,7 @@ def run(out: Path, cache_dir: Path, extra: list[str]) -> dict:
         with open_dict(cfg):
             cfg.paths.output_dir = run_dir
         metrics = train(cfg)
-        scalars = read_scalars(Path(run_dir) / "tensorboard")
+        scalars = read_scalars(Path(run_dir))
     losses, lrs = dict(scalars["train/loss"]), dict(scalars[cfg.scheduler.name])
     curve = {
         "overrides": OVERRIDES + extra,

@@ -34,7 +34,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="train.py run dirs (with tensorboard/ inside)")
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="train.py run dirs (with TensorBoard event files)")
     parser.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write")
     parser.add_argument("--smooth", type=int, default=10, help="trailing mean window for train/loss, in steps")
     parser.add_argument("--unigram", type=float, default=None, help="draw this loss as the unigram reference line")
@@ -43,7 +43,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, run_dir in enumerate(args.run_dirs):
-        scalars = read_scalars(run_dir / "tensorboard")
+        scalars = read_scalars(run_dir)
         colour = f"C{i}"
         steps, losses = (np.array(v) for v in zip(*scalars["train/loss"]))
         ax.plot(steps, losses, color=colour, alpha=0.2, linewidth=0.8)

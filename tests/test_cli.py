@@ -89,7 +89,7 @@ def test_a_good_run_ends_with_a_summary_line(tmp_path):
     run_dirs = list((tmp_path / "outputs").glob("*/*"))
     assert len(run_dirs) == 1 and f"tensorboard --logdir {run_dirs[0]}" in summary[0]
     assert (run_dirs[0] / "checkpoints" / "last.ckpt").is_file()
-    assert list((run_dirs[0] / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dirs[0]).glob("events.out.tfevents.*"))
 
 
 def test_divergence_ends_a_single_run_with_one_line(tmp_path):

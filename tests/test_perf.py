@@ -65,7 +65,7 @@ def test_configured_peak_wins_and_cpu_has_none():
 
 def test_mfu_and_tflops_are_logged_every_step(tiny_cfg, tmp_path):
     train(tiny_cfg("perf.peak_tflops=0.5"))
-    scalars = read_scalars(tmp_path / "run" / "tensorboard")
+    scalars = read_scalars(tmp_path / "run")
     mfu, tflops = dict(scalars["perf/mfu"]), dict(scalars["perf/tflops"])
     assert sorted(mfu) == list(range(12))  # one value per optimizer step
     assert all(mfu[s] == pytest.approx(tflops[s] / 0.5) and 0 < mfu[s] < 1 for s in mfu)
@@ -86,7 +86,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_tiny_run_trains_with_activation_checkpointing_and_bf16(tiny_cfg, tmp_path):
     """The memory and speed switches train (loss goes down) and keep the per-step LR logging."""
     metrics = train(tiny_cfg("model.activation_checkpointing=true", "trainer.precision=bf16-mixed"))
-    losses = [v for _, v in read_scalars(tmp_path / "run" / "tensorboard")["train/loss"]]
+    losses = [v for _, v in read_scalars(tmp_path / "run")["train/loss"]]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     assert metrics["steps"] == 12
 

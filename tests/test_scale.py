@@ -203,13 +203,13 @@ def test_ddp_two_cpu_processes_share_epochs_and_follow_the_single_process_lr(tin
     assert not list(tmp_path.glob("outputs"))
     assert (run_dir / "status.json").is_file() and not list(run_dir.glob("config-resume-*.yaml"))
     assert (run_dir / "train.log").is_file() and (run_dir / "train_ddp_process_1.log").is_file()
-    assert len(list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))) == 1
+    assert len(list((run_dir).rglob("events.out.tfevents.*"))) == 1
     assert result.stdout.count("val/perplexity") == 1  # one summary line
 
     cfg = tiny_cfg("num_threads=1")
     train(cfg)
-    single = read_scalars(Path(cfg.paths.output_dir) / "tensorboard")["lr-inverse_sqrt"]
-    ddp = read_scalars(run_dir / "tensorboard")["lr-inverse_sqrt"]
+    single = read_scalars(Path(cfg.paths.output_dir))["lr-inverse_sqrt"]
+    ddp = read_scalars(run_dir)["lr-inverse_sqrt"]
     assert ddp == single and [s for s, _ in ddp] == list(range(12))
 
 

@@ -85,7 +85,7 @@ def trained_batches(run_dir: Path) -> dict[tuple[int, int], tuple[list[int], str
 
 def logged(run_dir: Path) -> dict[str, dict[int, float]]:
     """{tag: {step: value}}; values logged again after a resume replace the earlier ones."""
-    return {tag: dict(points) for tag, points in read_scalars(run_dir / "tensorboard").items()}
+    return {tag: dict(points) for tag, points in read_scalars(run_dir).items()}
 
 
 def assert_same_run(resumed: Path, straight: Path, max_steps: int) -> None:

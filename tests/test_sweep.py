@@ -26,29 +26,33 @@ def sweep_dir_of(cwd: Path) -> Path:
 
 def read_summary(sweep_dir: Path) -> dict[str, dict]:
     with open(sweep_dir / "summary.csv") as f:
-        return {row["overrides"]: row for row in csv.DictReader(f)}
+        return {row["job"]: row for row in csv.DictReader(f)}
 
 
 def test_warmup_sweep_names_jobs_logs_each_schedule_and_summarises(tmp_path):
-    args = ["-m", *SWEEP, f"paths.cache_dir={tmp_path}/cache", "optimizer.lr=1e-3", "scheduler.warmup_steps=1,2,4"]
+    args = ["-m", *SWEEP, f"paths.cache_dir={tmp_path}/cache", "optimizer.lr=1e-3", "scheduler.warmup_steps=10,2,4"]
     result = run_cli(*args, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # max_steps=6 with validation every 3 updates: 2 validations per job, which the sweep warns about up front.
+    assert "3 of 3 jobs validate fewer than 3 times (e.g. scheduler.warmup_steps=10: 2)" in result.stderr
     sweep_dir = sweep_dir_of(tmp_path)
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
-    assert jobs == [f"scheduler.warmup_steps={w}" for w in (1, 2, 4)]
-    for warmup in (1, 2, 4):
-        lrs = read_scalars(sweep_dir / f"scheduler.warmup_steps={warmup}" / "tensorboard")["lr-inverse_sqrt"]
+    assert jobs == sorted(f"scheduler.warmup_steps={w}" for w in (2, 4, 10))
+    for warmup in (2, 4, 10):
+        lrs = read_scalars(sweep_dir / f"scheduler.warmup_steps={warmup}")["lr-inverse_sqrt"]
         assert [s for s, _ in lrs] == list(range(6))
         expected = [1e-3 * schedules.inverse_sqrt(s, warmup_steps=warmup) for s in range(6)]
         assert [v for _, v in lrs] == pytest.approx(expected, rel=1e-6)
     rows = read_summary(sweep_dir)
-    assert sorted(rows) == [f"scheduler.warmup_steps={w}" for w in (1, 2, 4)]
+    assert list(rows) == [f"scheduler.warmup_steps={w}" for w in (2, 4, 10)]  # numeric order, not 10, 2, 4
     assert all(
         r["status"] == "completed" and r["steps"] == "6" and float(r["best_val_loss"]) > 0 for r in rows.values()
     )
     assert (sweep_dir / "summary.png").stat().st_size > 10_000
-    assert "| scheduler.warmup_steps=4 |" in (sweep_dir / "summary.md").read_text().replace("| job |", "")
+    table = (sweep_dir / "summary.md").read_text()
+    assert table.index("warmup_steps=2 |") < table.index("warmup_steps=4 |") < table.index("warmup_steps=10 |")
     assert "Sweep summary" in result.stdout
+    assert f"tensorboard --logdir {sweep_dir.relative_to(tmp_path)}" in result.stdout.strip().splitlines()[-1]
 
     # The script rebuilds the same summary from the job files alone.
     for name in ("summary.csv", "summary.md", "summary.png"):
@@ -119,3 +123,15 @@ def test_parallel_launchers(tmp_path, launcher):
 
         threads = OmegaConf.load(sweep_dir / "scheduler.warmup_steps=1" / "config.yaml").num_threads
         assert threads == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_summary_plot_has_lr_train_and_validation_panels_in_numeric_order(tmp_path):
+    from protein_mlm.sweep import plot_sweep
+
+    jobs = {w: {"lr-inverse_sqrt": [(0, 0.1), (1, 0.2)], "train/loss": [(0, 3.4), (1, 3.3)], "val/loss": [(1, 3.2)]}
+            for w in (100, 30, 5)}  # fmt: skip
+    labels = [f"scheduler.warmup_steps={w}" for w in sorted(jobs)]
+    panels = plot_sweep([jobs[w] for w in sorted(jobs)], labels, tmp_path / "summary.png")
+    titles = [title for title, _ in panels]
+    assert titles == ["LR per step", "training loss (EMA 0.9; raw faint)", "validation loss"]
+    assert all(legend == labels for _, legend in panels)

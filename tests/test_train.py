@@ -15,7 +15,7 @@ from protein_mlm.train import train
 def run(cfg) -> tuple[dict, dict, Path]:
     metrics = train(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    return metrics, read_scalars(run_dir / "tensorboard"), run_dir
+    return metrics, read_scalars(run_dir), run_dir
 
 
 def expected_lrs(peak, steps, **kwargs):
@@ -144,7 +144,7 @@ def test_loss_spike_warning_names_the_update_loss_and_the_guard_is_checkpointed(
     with caplog.at_level("WARNING"):
         train(cfg)
     spikes = [r.getMessage() for r in caplog.records if "loss spike" in r.getMessage()]
-    losses = dict(read_scalars(Path(cfg.paths.output_dir) / "tensorboard")["train/loss"])
+    losses = dict(read_scalars(Path(cfg.paths.output_dir))["train/loss"])
     assert spikes == [f"loss spike at step {s}: {losses[s]:.4g}, over 0.5 x the recent median" for s in range(10, 12)]
     state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     assert state["DivergenceGuard"]["recent"] == pytest.approx([losses[s] for s in range(12)], rel=1e-6)

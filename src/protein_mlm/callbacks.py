@@ -6,6 +6,7 @@ import math
 import re
 import signal
 import statistics
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,11 @@ class ValidateAtLastStep(pl.Callback):
 class StepProgressBar(RichProgressBar):
     """Rich progress bar in optimizer updates out of `max_steps` (not micro-batches), the LR in scientific notation,
     and the data epoch (the training loader's, not Lightning's single endless epoch)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not sys.stdout.isatty():  # redirected output: console.PlainProgress prints plain lines instead
+            self.disable()
+        super().setup(trainer, pl_module, stage)
 
     @property
     def total_train_batches(self) -> int | float:

@@ -51,6 +51,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def describe_checkpoint(path: Path) -> str:
+    """`path` and which of a run's checkpoints it is, for messages."""
+    if path.name.startswith("best-"):
+        return f"{path} (the run's best by val/loss)"
+    return f"{path} (the run's latest)" if path.name == "last.ckpt" else str(path)
+
+
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """torch.load with weights_only=True: plain containers and tensors only, never arbitrary objects.
 
@@ -78,9 +85,16 @@ def model_from_checkpoint(path: str | Path) -> EsmForMaskedLM:
 def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     """Write a Hugging Face model directory (model + tokenizer) that from_pretrained loads offline."""
     out_dir = Path(out_dir)
-    model = model_from_checkpoint(resolve_checkpoint(checkpoint_path))
+    source = resolve_checkpoint(checkpoint_path)
+    print(f"Exporting {describe_checkpoint(source)}", flush=True)
+    model = model_from_checkpoint(source)
     model.save_pretrained(out_dir)
     load_tokenizer().save_pretrained(out_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out_dir.iterdir():  # safetensors writes 0600; a model directory is meant to be shared
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
     return out_dir
 
 

@@ -22,7 +22,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, UserError
-from .sweep import SWEPT_KEYS_ENV, expand_sweep, job_dir_name, swept_keys, write_status, write_summary
+from .sweep import (
+    SWEPT_KEYS_ENV,
+    expand_sweep,
+    job_dir_name,
+    swept_keys,
+    warn_short_validation,
+    write_status,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
@@ -139,13 +147,19 @@ def distributed_rank() -> int:
 def check_sweep(config_name: str, overrides: list[str], check) -> None:
     """Compose and check every job of a grid sweep first, so a typo fails in one line, not in every job."""
     try:
-        combos, _ = expand_sweep(overrides)
+        combos, swept = expand_sweep(overrides)
     except Exception:  # interval/range sweeps of search sweepers: leave them to Hydra
         return
+    jobs = []
     for combo in combos:
         cfg = compose_checked(config_name, combo)
         check(cfg)
         check_multirun_processes(cfg)
+        if "trainer" in cfg:
+            last = {_key(o): o for o in combo if _key(o) in swept}  # a later override of a key wins
+            name = job_dir_name(list(last.values()), 0)
+            jobs.append((name, cfg.trainer.max_steps, cfg.trainer.get("val_check_interval")))
+    warn_short_validation(jobs)
 
 
 def check_multirun_processes(cfg: DictConfig) -> None:
@@ -205,7 +219,8 @@ class SweepSummaryCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if self._summarize(sweep_dir) is not None:
             print(f"\nSweep summary ({sweep_dir}/summary.md, summary.csv, summary.png):")
-            print((sweep_dir / "summary.md").read_text(), flush=True)
+            print((sweep_dir / "summary.md").read_text())
+            print(f"View every job's curves: tensorboard --logdir {sweep_dir}", flush=True)
 
     @staticmethod
     def _summarize(sweep_dir: str):

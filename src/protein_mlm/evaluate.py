@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import describe_checkpoint, load_checkpoint, resolve_checkpoint
 from .data import MaskedSequenceDataset
 from .errors import ConfigError
 from .fasta import read_fasta
@@ -61,7 +61,9 @@ def evaluate(cfg: DictConfig) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    (results,) = trainer.validate(module, dataloaders=loader, verbose=False)
+    print(f"Evaluating {describe_checkpoint(ckpt_path)} on {cfg.data.val_path}", flush=True)
+    trainer.validate(module, dataloaders=loader, verbose=False)
+    results = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report = {
         "checkpoint": str(ckpt_path),
         "data": str(cfg.data.val_path),

@@ -211,9 +211,16 @@ class MaskedLMModule(pl.LightningModule):
         """Token-weighted over the whole validation set (not a mean of per-batch means)."""
         targets = self.val_targets.compute().clamp(min=1)
         loss = self.val_loss_sum.compute() / targets
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/perplexity", torch.exp(loss))
-        self.log("val/accuracy", self.val_correct.compute() / targets)
+        metrics = {
+            "val/loss": loss,
+            "val/perplexity": torch.exp(loss),
+            "val/accuracy": self.val_correct.compute() / targets,
+        }
+        for name, value in metrics.items():  # for checkpointing and the progress bar
+            self.log(name, value, prog_bar=name == "val/loss", logger=False)
+        if not self.trainer.sanity_checking:  # to the loggers ourselves: Lightning would add an `epoch` series
+            for logger in self.loggers:
+                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=max(self.trainer.global_step - 1, 0))
 
     def on_validation_end(self) -> None:
         self._last_step_time = time.perf_counter()  # validation time is not training throughput

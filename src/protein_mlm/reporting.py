@@ -8,6 +8,8 @@ import rich.table
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
 
+from .console import FILE_ONLY
+
 FIRST_GROUPS = ("data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths")
 
 
@@ -28,6 +30,7 @@ def print_plan(rows: list[tuple[str, str]]) -> None:
     table = rich.table.Table(title="training plan", show_header=False)
     for name, value in rows:
         table.add_row(name, value)
+        FILE_ONLY.info("plan: %s = %s", name, value)
     rich.print(table)
 
 
@@ -42,4 +45,6 @@ def print_summary(metrics: dict[str, float], run_dir: Path) -> None:
             f"val/accuracy {metrics['val/accuracy']:.4f}",
         ]
     parts += [f"{metrics['wall_time_s']:.0f}s", f"run dir {run_dir}", f"view: tensorboard --logdir {run_dir}"]
-    print("Done: " + ", ".join(parts), flush=True)
+    line = "Done: " + ", ".join(parts)
+    print(line, flush=True)
+    FILE_ONLY.info(line)

@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 SWEPT_KEYS_ENV = "PROTEIN_MLM_SWEPT_KEYS"  # set at sweep start, read when each job's dir is named
 COLUMNS = [
-    "job",
-    "overrides",
+    "job",  # the job dir: the values of the swept keys, e.g. scheduler.warmup_steps=1000
     "status",
     "steps",
     "final_val_loss",
@@ -87,7 +86,7 @@ def _values(scalars: dict, tag: str) -> list[float]:
 
 
 def _job_scalars(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    return read_scalars(job_dir / "tensorboard") if (job_dir / "tensorboard").is_dir() else {}
+    return read_scalars(job_dir)
 
 
 def _job_overrides(job_dir: Path) -> list[str]:
@@ -107,8 +106,7 @@ def job_row(job_dir: Path, overrides: list[str], scalars: dict, label_keys: list
     if status.get("step") is not None:
         message = f"step {status['step']}: {message}"
     return {
-        "job": job_dir.name,
-        "overrides": " ".join(overrides),
+        "job": " ".join(overrides) or job_dir.name,
         "status": status["status"],
         "steps": max(train_steps) + 1 if train_steps else 0,
         "final_val_loss": val_loss[-1] if val_loss else math.nan,
@@ -142,29 +140,84 @@ def best_trial_note(sweep_dir: Path) -> str:
     return f"\nBest trial: best val/loss {results.get('best_value')} with {params}\n"
 
 
-def plot_sweep(job_scalars: list[dict], labels: list[str], path: Path) -> None:
-    """LR vs step and val/loss vs step of every job, one figure, labelled by overrides."""
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with TensorBoard's debiasing, so the first points are not pulled to 0."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def plot_sweep(job_scalars: list[dict], labels: list[str], path: Path) -> list[tuple[str, list[str]]]:
+    """LR, training loss (smoothed over the raw curve) and validation loss vs step of every job, one figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_lr, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for scalars, label in zip(job_scalars, labels):
+    fig, (ax_lr, ax_train, ax_val) = plt.subplots(1, 3, figsize=(18, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (scalars, label) in enumerate(zip(job_scalars, labels)):
+        color = colors[i % len(colors)]
         for tag, series in scalars.items():
             if tag.startswith("lr-"):
-                ax_lr.plot(*zip(*series), label=f"{label} ({tag})" if "/" in tag else label)
+                ax_lr.plot(*zip(*series), color=color, label=f"{label} ({tag})" if "/" in tag else label)
+        if scalars.get("train/loss"):
+            steps, losses = zip(*sorted(dict(scalars["train/loss"]).items()))
+            ax_train.plot(steps, losses, color=color, alpha=0.2, linewidth=0.8)
+            ax_train.plot(steps, smoothed(list(losses)), color=color, label=label)
         if scalars.get("val/loss"):
-            ax_loss.plot(*zip(*scalars["val/loss"]), marker="o", label=label)
+            ax_val.plot(*zip(*sorted(dict(scalars["val/loss"]).items())), color=color, marker="o", label=label)
     ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="LR per step")
-    ax_loss.set(xlabel="optimizer step", ylabel="val/loss", title="validation loss")
-    for ax in (ax_lr, ax_loss):
+    ax_train.set(
+        xlabel="optimizer step", ylabel="train/loss (nats per target)", title="training loss (EMA 0.9; raw faint)"
+    )
+    ax_val.set(xlabel="optimizer step", ylabel="val/loss (nats per target)", title="validation loss")
+    for ax in (ax_lr, ax_train, ax_val):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    panels = [(ax.get_title(), ax.get_legend_handles_labels()[1]) for ax in (ax_lr, ax_train, ax_val)]
     plt.close(fig)
+    return panels  # (title, legend labels) of each panel, for tests
+
+
+def sort_key(overrides: list[str], keys: list[str]) -> tuple:
+    """Order jobs by the values of the swept keys, numbers as numbers (5 < 30 < 100), then text."""
+
+    def value(key: str) -> tuple:
+        raw = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key), "")
+        try:
+            return (0, float(raw), "")
+        except ValueError:
+            return (1, 0.0, raw)
+
+    return tuple(value(k) for k in keys)
+
+
+def validation_steps(max_steps: int, interval: Any) -> list[int]:
+    """The optimizer steps after which a run validates: every `interval` updates, and after the last."""
+    every = list(range(interval, max_steps + 1, interval)) if isinstance(interval, int) and interval > 0 else []
+    return every if every and every[-1] == max_steps else [*every, max_steps]
+
+
+def warn_short_validation(jobs: list[tuple[str, int, Any]]) -> None:
+    """Warn once when a job (name, max_steps, val_check_interval) validates fewer than 3 times."""
+    short = [(name, len(validation_steps(steps, interval))) for name, steps, interval in jobs]
+    short = [(name, n) for name, n in short if n < 3]
+    if short:
+        name, n = short[0]
+        log.warning(
+            "%d of %d jobs validate fewer than 3 times (e.g. %s: %d); their val/loss curves will be single points. "
+            "Lower trainer.val_check_interval (counted in optimizer steps) to compare them",
+            len(short),
+            len(jobs),
+            name or "the job",
+            n,
+        )
 
 
 def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -176,6 +229,8 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     # Label jobs by the overrides that differ between them (all of them when there is only one job).
     keys = sorted({o.split("=", 1)[0] for overrides in all_overrides for o in overrides})
     varying = [k for k in keys if len({tuple(o for o in ov if o.split("=", 1)[0] == k) for ov in all_overrides}) > 1]
+    order = sorted(range(len(job_dirs)), key=lambda i: sort_key(all_overrides[i], varying))  # 5, 30, 100
+    job_dirs, all_overrides, all_scalars = ([seq[i] for i in order] for seq in (job_dirs, all_overrides, all_scalars))
     rows = [job_row(*job, varying or None) for job in zip(job_dirs, all_overrides, all_scalars)]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -183,5 +238,5 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
         writer.writerows(rows)
     (sweep_dir / "summary.md").write_text(markdown_table(rows) + best_trial_note(sweep_dir))
     if job_dirs:
-        plot_sweep(all_scalars, [r["overrides"] or r["job"] for r in rows], sweep_dir / "summary.png")
+        plot_sweep(all_scalars, [r["job"] for r in rows], sweep_dir / "summary.png")
     return rows

@@ -10,18 +10,21 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .callbacks import Preempted
 from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
+from .console import route_records, silence_lightning_noise
 from .data import check_streaming_options
 from .errors import ConfigError
 from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
+from .model import build_model, count_parameters
 from .module import MaskedLMModule
 from .perf import resolve_peak_tflops
 from .reporting import print_config_tree, print_plan, print_summary
-from .sweep import write_status
+from .sweep import validation_steps, write_status
 from .tblog import read_scalars
 
 log = logging.getLogger(__name__)
@@ -218,8 +221,7 @@ def schedule_label(cfg: DictConfig) -> str:
 
 def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
     """Compare the LR logged at every step with the planned curve; warn when they differ."""
-    tb_dir = run_dir / "tensorboard"
-    scalars = read_scalars(tb_dir) if tb_dir.is_dir() else {}
+    scalars = read_scalars(run_dir)
     tags = [t for t in scalars if t == cfg.scheduler.name or t.startswith(f"{cfg.scheduler.name}/")]
     if not tags:
         return "skipped (no LR logged to TensorBoard)"
@@ -236,13 +238,25 @@ def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
     return problem
 
 
+def short_list(values: list[int], shown: int = 6) -> str:
+    """'1, 2, 3' or '1, 2, 3, ... (N in all)'."""
+    head = ", ".join(f"{v:,}" for v in values[:shown])
+    return head if len(values) <= shown else f"{head}, ... ({len(values)} in all)"
+
+
 def plan_rows(cfg: DictConfig, schedule, accumulate: int, train_tokens: int | None) -> list[tuple[str, str]]:
     """What will run, resolved: batch size in tokens, accumulation, schedule milestones, epochs implied."""
     devices = num_devices(cfg.trainer)
     per_update = (cfg.data.max_tokens or cfg.data.batch_size * cfg.data.max_length) * devices * accumulate
     per_update *= cfg.trainer.get("num_nodes", 1)
     steps = cfg.trainer.max_steps
+    parameters = count_parameters(build_model(OmegaConf.to_container(cfg.model.architecture), device="meta"))
     return [
+        ("model parameters", f"{parameters / 1e6:,.2f} M ({cfg.model.name})"),
+        (
+            "validations (after step)",
+            short_list(validation_steps(cfg.trainer.max_steps, cfg.trainer.val_check_interval)),
+        ),
         ("padded tokens per update (at most)", f"{per_update:,}"),
         ("target tokens per update", f"{cfg.data.tokens_per_update:,}" if cfg.data.get("tokens_per_update") else "-"),
         ("accumulate_grad_batches", str(accumulate)),
@@ -254,6 +268,8 @@ def plan_rows(cfg: DictConfig, schedule, accumulate: int, train_tokens: int | No
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as the config says; return the final validation metrics."""
+    silence_lightning_noise()
+    route_records()
     check_config(cfg)
     started = time.monotonic()
     if cfg.get("num_threads"):
@@ -264,7 +280,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, unused_path(run_dir / "config.yaml"), resolve=True)  # a resume keeps the original
-        write_status(run_dir, "running")  # replaced by how it ends; a killed run keeps "running"
     if main_process and cfg.get("print_config", True):
         print_config_tree(cfg)
 
@@ -275,13 +290,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             tokens = datamodule.train_tokens()
             print_plan(plan_rows(cfg, build_schedule(cfg), accumulation_steps(cfg), tokens))
         return {}
+    if main_process:
+        write_status(run_dir, "running")  # replaced by how it ends; a killed run keeps "running"
     module = build_module(cfg)
     accumulate = accumulation_steps(cfg)
     datamodule.setup()
     if main_process:
         print_plan(plan_rows(cfg, module.schedule, accumulate, datamodule.train_tokens()))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if not any(isinstance(logger, TensorBoardLogger) for logger in loggers):  # the run's own record, always
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False))
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,

@@ -1,0 +1,120 @@
+"""What the terminal and `train.log` show: plain progress lines when output is not a terminal (nohup, SLURM,
+`| tee`), file-only records, and Lightning's noise silenced where it is emitted."""
+
+import logging
+import sys
+import time
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+
+PROGRESS = logging.getLogger("protein_mlm.progress")  # on the console only when no progress bar is drawn
+FILE_ONLY = logging.getLogger("protein_mlm.record")  # train.log only (e.g. the plan the console shows as a table)
+
+# Lightning messages that tell a user of this template nothing actionable.
+QUIET_MESSAGES = (
+    "litlogger",  # an advertisement
+    "Trainer already configured with model summary callbacks",
+    "is not supported by the model summary",  # bf16: size estimate only
+    "LeafSpec",  # a deprecation inside Lightning's own pytree helper
+    "`weights_only` was not set",
+    "You defined a `validation_step` but have no `val_dataloader`",
+)
+
+
+class _DropMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in QUIET_MESSAGES)
+
+
+class _DropLoggers(logging.Filter):
+    def __init__(self, names: tuple[str, ...]):
+        super().__init__()
+        self.names = names
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(self.names)
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def silence_lightning_noise() -> None:
+    """Drop Lightning's tips and irrelevant warnings (see QUIET_MESSAGES); idempotent."""
+    for fragment in QUIET_MESSAGES:
+        warnings.filterwarnings("ignore", message=f".*{fragment}.*")
+    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "lightning.pytorch"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages())
+        for handler in logger.handlers:
+            if not any(isinstance(f, _DropMessages) for f in handler.filters):
+                handler.addFilter(_DropMessages())
+
+
+def route_records() -> None:
+    """Console handlers skip file-only records, and progress lines too while a progress bar is drawn."""
+    hidden = (FILE_ONLY.name, PROGRESS.name) if stdout_is_terminal() else (FILE_ONLY.name,)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) or not isinstance(handler, logging.StreamHandler):
+            continue
+        handler.filters = [f for f in handler.filters if not isinstance(f, _DropLoggers)]
+        handler.addFilter(_DropLoggers(hidden))
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class PlainProgress(pl.Callback):
+    """One greppable line per interval (every `every_n_steps` updates or `every_seconds`, whichever comes first):
+    step, loss, LR, tokens/s, data epoch, elapsed and ETA. Always in train.log; on the console when stdout is not
+    a terminal (where the progress bar would be one wrapped line at the end)."""
+
+    def __init__(self, every_n_steps: int = 10, every_seconds: float = 60.0):
+        self.every_n_steps, self.every_seconds = max(1, every_n_steps), every_seconds
+        self._seen_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        route_records()
+        self._start = self._last_time = time.monotonic()
+        self._start_step = self._seen_step = trainer.global_step
+        self._last_tokens = getattr(pl_module, "tokens_seen", 0)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._seen_step or not trainer.is_global_zero:
+            return  # inside an accumulation window, or not rank 0
+        self._seen_step = step
+        now = time.monotonic()
+        last = 0 < trainer.max_steps <= step
+        if not (step % self.every_n_steps == 0 or now - self._last_time >= self.every_seconds or last):
+            return
+        PROGRESS.info(self._line(trainer, pl_module, step, now))
+        self._last_time, self._last_tokens = now, getattr(pl_module, "tokens_seen", 0)
+
+    def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, now: float) -> str:
+        metrics = trainer.progress_bar_metrics
+        total = trainer.max_steps
+        parts = [f"step {step}/{total}" if total > 0 else f"step {step}"]
+        if "loss" in metrics:
+            parts.append(f"loss {float(metrics['loss']):.4f}")
+        if "lr" in metrics:
+            parts.append(f"lr {float(metrics['lr']):.3e}")
+        tokens = getattr(pl_module, "tokens_seen", 0) - self._last_tokens
+        parts.append(f"{tokens / max(now - self._last_time, 1e-9):,.0f} tok/s")
+        epoch = getattr(trainer.train_dataloader, "epoch", None)
+        if epoch is not None:
+            parts.append(f"epoch {epoch}")
+        elapsed = now - self._start
+        timing = f"{_duration(elapsed)} elapsed"
+        done = step - self._start_step
+        if total > 0 and done > 0:
+            timing += f", eta {_duration(elapsed / done * (total - step))}"
+        parts.append(timing)
+        return " | ".join(parts)
