@@ -4,7 +4,7 @@ nothing written over an earlier run."""
 import pytest
 
 from protein_mlm.cli import make_run_dir
-from tests.conftest import TINY, compose_config, run_cli
+from tests.conftest import CONFIG_DIR, TINY, compose_config, run_cli
 
 QUICK = [o for o in TINY if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=2"]
 
@@ -130,3 +130,15 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     assert_user_error(result, "holds another model", "hidden_size: 64 in the checkpoint, 32 requested")
     assert_user_error(run_cli(f"resume={tmp_path}", cwd=tmp_path), "is not a run dir with checkpoints/last.ckpt")
     assert not (tmp_path / "outputs").exists()
+
+
+def test_help_shows_examples_and_every_user_facing_option(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "Examples:" in result.stdout and "model_base" not in result.stdout
+    groups = {
+        line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.startswith("  ") and line[2] != " "
+    }
+    for group in ("model", "optimizer", "scheduler", "trainer", "data", "logger", "experiment", "debug", "callbacks"):
+        options = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
+        listed = set(groups[group].split(None, 1)[1].replace(",", " ").replace("(", " ").split())
+        assert options <= listed, f"{group}: {options - listed} missing from --help"
