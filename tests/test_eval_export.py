@@ -54,8 +54,10 @@ def test_eval_is_deterministic_and_writes_eval_json(run_dir, tmp_path):
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["loss"] == first["loss"]
 
 
-def test_export_round_trip_gives_identical_logits(run_dir, tmp_path):
+def test_export_round_trip_gives_identical_logits(run_dir, tmp_path, capsys):
     out = export_hf(run_dir, tmp_path / "hf")
+    assert "(the run's best by val/loss)" in capsys.readouterr().out  # says which checkpoint it exported
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in out.iterdir())  # readable by others, unlike 0600
     checkpoint = load_checkpoint(resolve_checkpoint(run_dir))
     module = MaskedLMModule(architecture=checkpoint["hyper_parameters"]["architecture"])
     module.load_state_dict(checkpoint["state_dict"])
@@ -105,3 +107,17 @@ def test_eval_cli_missing_checkpoint_is_one_line(tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
+    assert not (tmp_path / "outputs").exists()  # a refused eval creates nothing
+
+
+def test_eval_cli_writes_under_outputs_eval_and_names_the_checkpoint(run_dir, tmp_path):
+    import subprocess
+
+    fasta = tmp_path / "x.fasta"
+    fasta.write_bytes(SEQUENCES)
+    cmd = [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={run_dir}", f"data.val_path={fasta}", "accelerator=cpu"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(the run's best by val/loss)" in result.stdout
+    (written,) = (tmp_path / "outputs" / "eval").glob("*/*/eval.json")  # outputs/eval/<date>/<time>/
+    assert json.loads(written.read_text())["sequences"] == 3

@@ -30,10 +30,8 @@ def make_batches(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def reference_gradient(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Gradient of sum(token losses) / sum(targets) over `batches`, by plain autograd."""
-    model = copy.deepcopy(model)
-    model.zero_grad()
+def token_mean_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """sum(token losses) / sum(targets) over `batches`, written out plainly."""
     losses = [
         F.cross_entropy(
             model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.flatten(0, 1),
@@ -43,8 +41,14 @@ def reference_gradient(model: torch.nn.Module, batches: list[dict[str, torch.Ten
         )
         for b in batches
     ]
-    targets = sum(int(b["labels"].ne(IGNORE_INDEX).sum()) for b in batches)
-    (sum(losses) / targets).backward()
+    return sum(losses) / sum(int(b["labels"].ne(IGNORE_INDEX).sum()) for b in batches)
+
+
+def reference_gradient(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Gradient of sum(token losses) / sum(targets) over `batches`, by plain autograd."""
+    model = copy.deepcopy(model)
+    model.zero_grad()
+    token_mean_loss(model, batches).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -138,14 +142,5 @@ def test_logged_loss_is_the_objective(tmp_path):
     )  # fmt: skip
     trainer.fit(module)
     with torch.no_grad():
-        sums = [
-            F.cross_entropy(
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.flatten(0, 1),
-                b["labels"].flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            for b in batches
-        ]
-    targets = sum(int(b["labels"].ne(IGNORE_INDEX).sum()) for b in batches)
-    assert abs(logged[0]["train/loss"] - float(sum(sums) / targets)) < 1e-6
+        expected = float(token_mean_loss(model, batches))
+    assert abs(logged[0]["train/loss"] - expected) < 1e-6

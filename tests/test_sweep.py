@@ -1,6 +1,7 @@
 """Multirun sweeps end to end: job dirs named by swept values, per-job LR curves, summary files, failures."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -135,3 +136,18 @@ def test_summary_plot_has_lr_train_and_validation_panels_in_numeric_order(tmp_pa
     titles = [title for title, _ in panels]
     assert titles == ["LR per step", "training loss (EMA 0.9; raw faint)", "validation loss"]
     assert all(legend == labels for _, legend in panels)
+
+
+def test_a_csv_only_sweep_still_gets_the_lr_audit_and_the_summary(tmp_path):
+    """logger=csv replaces TensorBoard in the config, yet the run's own TensorBoard record stays."""
+    args = ["-m", *SWEEP, "logger=csv", f"paths.cache_dir={tmp_path}/cache", "scheduler.warmup_steps=2,4"]
+    result = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(tmp_path)
+    rows = read_summary(sweep_dir)
+    assert list(rows) == ["scheduler.warmup_steps=2", "scheduler.warmup_steps=4"]
+    assert all(r["steps"] == "6" and float(r["best_val_loss"]) > 0 for r in rows.values())
+    for job in rows:
+        status = json.loads((sweep_dir / job / "status.json").read_text())
+        assert status["lr_audit"] == "ok"
+        assert (sweep_dir / job / "csv" / "metrics.csv").is_file()

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, UserError
+from .overrides import override_key
 from .sweep import (
     SWEPT_KEYS_ENV,
     expand_sweep,
@@ -95,14 +96,10 @@ def make_run_dir(requested: str, explicit: bool) -> str:
     raise ConfigError(f"too many runs named {base}-N; choose another hydra.run.dir")
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def resume_argv(argv: list[str]) -> list[str]:
     """`resume=<run dir>`: that run's overrides, then the new ones, continuing from its last.ckpt in the same
     dir (so the same TensorBoard run); Hydra writes this invocation's config to .hydra/resume-<time>/."""
-    run_dir = Path(next(a for a in reversed(argv) if _key(a) == "resume").split("=", 1)[1])
+    run_dir = Path(next(a for a in reversed(argv) if override_key(a) == "resume").split("=", 1)[1])
     last = run_dir / "checkpoints" / "last.ckpt"
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     if not last.is_file() or not overrides_file.is_file():
@@ -112,8 +109,8 @@ def resume_argv(argv: list[str]) -> list[str]:
         )
     pinned = {"resume", "ckpt_path", "hydra.run.dir", "hydra.output_subdir"}
     saved = OmegaConf.to_container(OmegaConf.load(overrides_file), resolve=False)  # keep ${...} as written
-    original = [str(o) for o in saved if _key(str(o)) not in pinned]
-    new = [a for a in argv if _key(a) not in pinned]
+    original = [str(o) for o in saved if override_key(str(o)) not in pinned]
+    new = [a for a in argv if override_key(a) not in pinned]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     return [
         *original,
@@ -126,7 +123,7 @@ def resume_argv(argv: list[str]) -> list[str]:
 
 def check_saved_overrides(config_name: str, argv: list[str]) -> None:
     """A run dir's saved overrides must still compose (a key renamed or removed since the run started)."""
-    run_dir = Path(next(a for a in argv if _key(a) == "hydra.run.dir").split("=", 1)[1])
+    run_dir = Path(next(a for a in argv if override_key(a) == "hydra.run.dir").split("=", 1)[1])
     saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"), resolve=False)
     try:
         compose_checked(config_name, [str(o) for o in saved])
@@ -156,7 +153,7 @@ def check_sweep(config_name: str, overrides: list[str], check) -> None:
         check(cfg)
         check_multirun_processes(cfg)
         if "trainer" in cfg:
-            last = {_key(o): o for o in combo if _key(o) in swept}  # a later override of a key wins
+            last = {override_key(o): o for o in combo if override_key(o) in swept}  # a later override of a key wins
             name = job_dir_name(list(last.values()), 0)
             jobs.append((name, cfg.trainer.max_steps, cfg.trainer.get("val_check_interval")))
     warn_short_validation(jobs)
@@ -189,7 +186,7 @@ def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
         # A DDP child: Lightning re-runs this command line with hydra.run.dir pinned to rank 0's run dir, which
         # rank 0 has checked and created already; making or checking one here would fork the run into two dirs.
         return argv
-    if any(_key(arg) == "resume" for arg in argv):
+    if any(override_key(arg) == "resume" for arg in argv):
         argv = resume_argv(argv)
         check_saved_overrides(config_name, argv)
         check(compose_checked(config_name, argv))
@@ -198,9 +195,9 @@ def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
     check(cfg)
     if cfg.hydra.get("mode") == RunMode.MULTIRUN:  # e.g. hparams_search=optuna: jobs go to the sweep dir
         return argv
-    explicit = any(_key(arg) == "hydra.run.dir" for arg in argv)
+    explicit = any(override_key(arg) == "hydra.run.dir" for arg in argv)
     run_dir = make_run_dir(cfg.hydra.run.dir, explicit)
-    return [a for a in argv if _key(a) != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"]
+    return [a for a in argv if override_key(a) != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"]
 
 
 class SweepSummaryCallback(Callback):

@@ -13,8 +13,6 @@ Members are matched to the training rows by FASTA record id (the first word of t
 share one row, so a row keeps every record id it stands for; the ids are cached beside the Arrow data.
 """
 
-import gzip
-import hashlib
 import logging
 import os
 import tempfile
@@ -29,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.feather as feather
 
 from .errors import DataError
-from .fasta import read_fasta
+from .fasta import open_maybe_gzipped, read_fasta, sequence_digest
 from .tokenizer import encode_residues
 
 log = logging.getLogger(__name__)
@@ -38,16 +36,10 @@ IDMAPPING_MEMBER_COLUMN, IDMAPPING_CLUSTER_COLUMN = 8, 9  # 0-based: UniRef90 an
 CLUSTER_STREAM = 0xC1057E5  # keeps the member draws independent of the batch sampler's (seed, epoch) stream
 
 
-def _open_text(path: Path):
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rt", encoding="utf-8") if magic == b"\x1f\x8b" else open(path, encoding="utf-8")
-
-
 def _pairs(path: Path):
     """(line number, cluster, member) for every mapping line, in either format; blank and '#' lines skipped."""
     columns = None  # 2 = cluster<TAB>member, else idmapping_selected.tab
-    with _open_text(path) as handle:
+    with open_maybe_gzipped(path, text=True) as handle:
         for line_no, line in enumerate(handle, start=1):
             line = line.rstrip("\r\n")
             if not line.strip() or line.startswith("#"):
@@ -109,8 +101,15 @@ def read_cluster_map(path: str | Path, wanted: set[str] | None = None) -> tuple[
     return clusters, len(all_clusters)
 
 
+def record_clusters(fasta: Path, cluster_map: Path) -> dict[str, str]:
+    """{record id: cluster} for the records of `fasta` that the map names (to hold out whole clusters)."""
+    wanted = {record_id for record_id, _ in read_fasta(fasta)}
+    mapping, _ = read_cluster_map(cluster_map, wanted=wanted)
+    return {member: cluster for cluster, members in mapping.items() for member in members}
+
+
 def _row_key(token_ids: np.ndarray) -> bytes:
-    return hashlib.blake2b(token_ids.tobytes(), digest_size=16).digest()
+    return sequence_digest(token_ids.tobytes())
 
 
 def row_record_ids(fasta: Path, sequences: datasets.Dataset) -> list[list[str]]:

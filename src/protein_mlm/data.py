@@ -1,6 +1,5 @@
 """Tokenized splits -> masked-LM samples and DataLoaders (token-budget or fixed batches, DDP shares, streaming)."""
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .clusters import ClusterSampler, build_cluster_sampler, load_row_record_ids
 from .errors import ConfigError, DataError
+from .fasta import sequence_digest
 from .loader import ResumableLoader
 from .masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
 from .preprocess import (
@@ -165,8 +165,7 @@ class ProteinDataModule(pl.LightningDataModule):
     def _streaming_loader(self, resume: dict[str, int] | None) -> DataLoader:
         num_replicas, rank = self.replicas()
         val_digests = frozenset(
-            hashlib.blake2b(decode_ids(ids), digest_size=16).digest()
-            for ids in self.splits["val"].with_format("numpy")["input_ids"]
+            sequence_digest(decode_ids(ids)) for ids in self.splits["val"].with_format("numpy")["input_ids"]
         )
         dataset = StreamingFastaDataset(
             self.train_files,

@@ -1,6 +1,7 @@
 """Strict FASTA reading: every problem is a one-line DataError naming the file, the line and the fix."""
 
 import gzip
+import hashlib
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +12,20 @@ from .tokenizer import RESIDUES
 _VALID = (RESIDUES + RESIDUES.lower()).encode()
 
 
-def _open(path: Path):
+def open_maybe_gzipped(path: Path, text: bool = False):
+    """Open a plain or gzip-compressed file (told apart by its magic bytes, not its name)."""
     with open(path, "rb") as f:
         magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+    opener = gzip.open if magic == b"\x1f\x8b" else open
+    return opener(path, "rt", encoding="utf-8") if text else opener(path, "rb")
+
+
+def sequence_digest(data: bytes) -> bytes:
+    """The 16-byte identity of a sequence (residue letters or token ids) for deduplication and leak checks.
+
+    The only definition: the split, the streaming exclusion and the cluster rows must agree byte for byte.
+    """
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _check_text(path: Path, line_no: int, line: bytes) -> None:
@@ -38,7 +49,7 @@ def read_fasta(path: str | Path) -> Iterator[tuple[str, bytes]]:
         raise DataError(f"data file {path} is empty; pass a FASTA file with '>' records")
     name, chunks, seen_record = None, [], False
     try:
-        with _open(path) as handle:
+        with open_maybe_gzipped(path) as handle:
             for line_no, raw in enumerate(handle, start=1):
                 _check_text(path, line_no, raw)
                 line = raw.strip()

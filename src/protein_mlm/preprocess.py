@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 
-from .clusters import read_cluster_map
+from .clusters import record_clusters
 from .errors import DataError
-from .fasta import read_fasta
+from .fasta import read_fasta, sequence_digest
 from .tokenizer import VOCAB, encode_residues
 
 _LETTERS = np.frombuffer("".join(t if len(t) == 1 else "?" for t in VOCAB).encode(), dtype=np.uint8)
@@ -118,7 +118,7 @@ def _unique_sequences(
 def _first_seen(chunk: list[tuple[str, bytes]], seen: DigestSet, counts: dict[str, int], exclude: DigestSet | None):
     if not chunk:
         return
-    digests = np.array([hashlib.blake2b(r, digest_size=16).digest() for _, r in chunk], dtype="S16")
+    digests = np.array([sequence_digest(r) for _, r in chunk], dtype="S16")
     keep = seen.add(digests)
     counts["duplicates"] += len(chunk) - int(keep.sum())
     if exclude is not None:
@@ -224,13 +224,6 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
-
-
-def record_clusters(fasta: Path, cluster_map: Path) -> dict[str, str]:
-    """{record id: cluster} for the records of `fasta` that the map names."""
-    wanted = {record_id for record_id, _ in read_fasta(fasta)}
-    mapping, _ = read_cluster_map(cluster_map, wanted=wanted)
-    return {member: cluster for cluster, members in mapping.items() for member in members}
 
 
 def load_splits(

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .cli import compose_checked
 from .lr_plan import plot_lr_curves
+from .overrides import override_key
 from .sweep import expand_sweep
 from .train import build_schedule, schedule_label
 
@@ -16,7 +17,7 @@ def preview(*override_groups: list[str], out: str | Path) -> tuple[list[tuple], 
         combos, swept = expand_sweep(overrides)
         for combo in combos:
             cfg = compose_checked("train", combo)
-            swept_values = " ".join(o for o in combo if o.split("=", 1)[0] in swept)
+            swept_values = " ".join(o for o in combo if override_key(o) in swept)
             label = swept_values if swept_values and len(override_groups) == 1 else schedule_label(cfg)
             curves.append((label, build_schedule(cfg), cfg.optimizer.lr, cfg.trainer.max_steps))
     return curves, plot_lr_curves(curves, out, title="planned learning rate")

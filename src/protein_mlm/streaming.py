@@ -9,7 +9,6 @@ per epoch. Each reader loops over its shards epoch after epoch, so every rank st
 `trainer.max_steps`; crop and mask come from (seed, epoch, record key), as in the preprocessed path.
 """
 
-import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from .errors import DataError
-from .fasta import read_fasta
+from .fasta import read_fasta, sequence_digest
 from .masking import crop, mask_tokens, sample_rng
 from .tokenizer import encode_residues
 
@@ -45,7 +44,7 @@ def _shard_records(shards: list[tuple[int, str, int, int]], exclude: frozenset[b
         for index, (_, residues) in enumerate(read_fasta(path)):
             if index % parts != part or not residues:
                 continue
-            if exclude and hashlib.blake2b(residues, digest_size=16).digest() in exclude:
+            if exclude and sequence_digest(residues) in exclude:
                 continue
             yield {"key": number << RECORD_KEY_BITS | index, "residues": residues}
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from .overrides import override_key, override_value
 from .tblog import read_scalars
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
 def job_dir_name(job_overrides: list[str], job_num: int) -> str:
     """A job's sub-directory: its values of the swept keys (`scheduler.warmup_steps=1000`), file-system safe."""
     swept = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
-    chosen = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") in swept] if swept else list(job_overrides)
+    chosen = [o for o in job_overrides if override_key(o) in swept] if swept else list(job_overrides)
     name = ",".join(sorted(chosen)).replace("/", "_") or f"job{job_num}"
     if len(name) > 120:  # stay far below the 255-byte file-name limit; the hash keeps names unique
         name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
@@ -96,7 +97,7 @@ def _job_overrides(job_dir: Path) -> list[str]:
 def job_row(job_dir: Path, overrides: list[str], scalars: dict, label_keys: list[str] | None = None) -> dict:
     """One summary row, from a job's overrides, event-file scalars and status.json."""
     if label_keys:
-        overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in label_keys]
+        overrides = [o for o in overrides if override_key(o) in label_keys]
     status_path = job_dir / STATUS_FILE
     status = json.loads(status_path.read_text()) if status_path.is_file() else {"status": "running or killed"}
     val_loss, val_ppl = _values(scalars, "val/loss"), _values(scalars, "val/perplexity")
@@ -189,7 +190,7 @@ def sort_key(overrides: list[str], keys: list[str]) -> tuple:
     """Order jobs by the values of the swept keys, numbers as numbers (5 < 30 < 100), then text."""
 
     def value(key: str) -> tuple:
-        raw = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key), "")
+        raw = next((override_value(o) for o in overrides if override_key(o) == key), "")
         try:
             return (0, float(raw), "")
         except ValueError:
@@ -227,8 +228,8 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     all_overrides = [_job_overrides(j) for j in job_dirs]
     all_scalars = [_job_scalars(j) for j in job_dirs]  # each job's event files are read once
     # Label jobs by the overrides that differ between them (all of them when there is only one job).
-    keys = sorted({o.split("=", 1)[0] for overrides in all_overrides for o in overrides})
-    varying = [k for k in keys if len({tuple(o for o in ov if o.split("=", 1)[0] == k) for ov in all_overrides}) > 1]
+    keys = sorted({override_key(o) for overrides in all_overrides for o in overrides})
+    varying = [k for k in keys if len({tuple(o for o in ov if override_key(o) == k) for ov in all_overrides}) > 1]
     order = sorted(range(len(job_dirs)), key=lambda i: sort_key(all_overrides[i], varying))  # 5, 30, 100
     job_dirs, all_overrides, all_scalars = ([seq[i] for i in order] for seq in (job_dirs, all_overrides, all_scalars))
     rows = [job_row(*job, varying or None) for job in zip(job_dirs, all_overrides, all_scalars)]

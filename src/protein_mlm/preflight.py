@@ -1,0 +1,164 @@
+"""Resolve and check a run's config before anything is built or written: precision, devices, accumulation, the
+schedule function, and the rules a valid run must follow (each with the fix in its one-line error)."""
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
+from .data import check_streaming_options
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "name")  # passed to Lightning, not to the schedule
+
+
+def split_scheduler_config(scheduler_cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the schedule function's `_partial_` config, Lightning's lr_scheduler keys)."""
+    schedule = OmegaConf.to_container(scheduler_cfg, resolve=True)
+    lightning = {k: schedule.pop(k) for k in LIGHTNING_SCHEDULER_KEYS if k in schedule}
+    return schedule, lightning
+
+
+def split_optimizer_config(optimizer_cfg: DictConfig) -> tuple[dict[str, Any], bool]:
+    """(the torch optimizer's `_partial_` config, whether biases/LayerNorm skip weight decay)."""
+    optimizer = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    return optimizer, bool(optimizer.pop("no_decay_bias_and_norm", False))
+
+
+def cpu_supports_bf16() -> bool:
+    """True on x86 CPUs with native bf16 (AVX512-BF16 or AMX), where bf16 autocast is faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def uses_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """`auto`: bf16-mixed where the hardware runs it natively (recent GPUs, AVX512-BF16/AMX CPUs), else fp32."""
+    if precision != "auto":
+        return precision
+    if uses_gpu(accelerator):
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject values that would fail late or train silently wrong, with the fix in the message."""
+    if not cfg.optimizer.lr > 0:
+        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be > 0 (it is the peak LR); e.g. optimizer.lr=4e-4")
+    if not cfg.trainer.max_steps > 0:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0; e.g. trainer.max_steps=1000")
+    if cfg.scheduler.get("warmup_steps", 0) < 0:
+        raise ConfigError(f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} is negative; use 0 or more")
+    if cfg.get("ckpt_path"):
+        check_checkpoint_matches(cfg)
+    init_from = cfg.model.get("init_from")
+    if init_from and not (Path(init_from) / "config.json").is_file():
+        raise ConfigError(f"model.init_from={init_from} holds no config.json; pass a local Hugging Face ESM directory")
+    for key in ("train_path", "val_path"):
+        path = cfg.data.get(key)
+        streamed_dir = key == "train_path" and cfg.data.get("streaming") and Path(str(path)).is_dir()
+        if path and not Path(path).is_file() and not streamed_dir:
+            raise ConfigError(f"data.{key}={path} does not exist; pass the path of a FASTA file (.fasta or .fasta.gz)")
+    strategy = cfg.trainer.get("strategy")
+    if "fsdp" in str(strategy).lower() and cfg.trainer.accelerator == "cpu":  # (a SLURM login node has no GPU)
+        raise ConfigError(
+            "trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU); on CPU use trainer=ddp "
+            "trainer.accelerator=cpu"
+        )
+    if cfg.data.get("streaming"):
+        data = cfg.data
+        check_streaming_options(data.val_path, data.max_tokens, data.get("cluster_map"), data.get("tokens_per_update"))
+    fp16 = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator) in ("16-mixed", 16, "16")
+    if fp16 and cfg.optimizer.get("fused") and cfg.trainer.get("gradient_clip_val"):
+        raise ConfigError(
+            "a fused optimizer unscales fp16 gradients inside its step, so they cannot be clipped before it; "
+            "set optimizer.fused=false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
+        )
+    build_schedule(cfg)
+    if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:
+        log.warning(
+            "scheduler.warmup_steps=%s exceeds trainer.max_steps=%s: the LR never reaches optimizer.lr",
+            cfg.scheduler.warmup_steps,
+            cfg.trainer.max_steps,
+        )
+
+
+def check_checkpoint_matches(cfg: DictConfig) -> None:
+    """The checkpoint to continue from must load safely and hold the requested architecture."""
+    if not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file")
+    checkpoint = load_checkpoint(cfg.ckpt_path, mmap=True)  # metadata only: the tensors stay on disk
+    if checkpoint.get(FORMAT_KEY, 1) < CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"checkpoint {cfg.ckpt_path} was written by an older protein-mlm (format {checkpoint.get(FORMAT_KEY, 1)}) "
+            "whose data position cannot be restored exactly; start a new run, or continue from its weights with "
+            "model.init_from=<a directory written by scripts/export_hf.py>"
+        )
+    saved = checkpoint["hyper_parameters"]["architecture"]
+    wanted = OmegaConf.to_container(cfg.model.architecture, resolve=True)
+    differing = [
+        f"{k}: {saved.get(k)} in the checkpoint, {wanted.get(k)} requested"
+        for k in sorted(set(saved) | set(wanted))
+        if saved.get(k) != wanted.get(k)
+    ]
+    if differing:
+        raise ConfigError(
+            f"checkpoint {cfg.ckpt_path} holds another model ({'; '.join(differing)}); "
+            "pick the model= preset it was trained with"
+        )
+
+
+def num_devices(trainer_cfg: DictConfig) -> int:
+    """Processes per node: `devices` as a count, a list of device ids, or -1 / "auto" (every GPU, else 1)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        return len(devices)
+    return max(torch.cuda.device_count(), 1) if trainer_cfg.get("accelerator") != "cpu" else 1
+
+
+def accumulation_steps(cfg: DictConfig) -> int:
+    """Micro-batches per update: from data.tokens_per_update when set, else trainer.accumulate_grad_batches."""
+    target = cfg.data.get("tokens_per_update")
+    if not target:
+        return cfg.trainer.accumulate_grad_batches
+    if not cfg.data.get("max_tokens"):
+        raise ConfigError("data.tokens_per_update needs a token budget per batch; set data.max_tokens too")
+    per_micro_batch = cfg.data.max_tokens * num_devices(cfg.trainer) * cfg.trainer.get("num_nodes", 1)
+    return max(1, math.ceil(target / per_micro_batch))
+
+
+def validation_interval(cfg: DictConfig, accumulate: int) -> int | float:
+    """`trainer.val_check_interval` (in updates) as the micro-batch count Lightning wants."""
+    interval = cfg.trainer.val_check_interval
+    return interval * accumulate if isinstance(interval, int) else interval
+
+
+def build_schedule(cfg: DictConfig):
+    """The configured `step -> multiplier` function, checked at the first and the last step."""
+    schedule_cfg, _ = split_scheduler_config(cfg.scheduler)
+    schedule = instantiate(schedule_cfg)
+    try:
+        for step in (0, cfg.trainer.max_steps - 1):
+            value = schedule(step)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"the schedule gives LR multiplier {value} at step {step}; check scheduler.*")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    return schedule
