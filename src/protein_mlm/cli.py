@@ -4,9 +4,11 @@ Hydra prints multi-line errors (and tracebacks, e.g. for a run dir it cannot cre
 code runs. So the overrides are composed and checked here first; a bad one ends with one line and exit 2.
 """
 
+import importlib.resources
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,13 +44,31 @@ OmegaConf.register_new_resolver(
 )
 
 
+def packaged_configs() -> Path:
+    """The configs installed with the package (configs/ of the checkout under an editable install)."""
+    return Path(str(importlib.resources.files("protein_mlm.configs")))
+
+
 def find_config_dir() -> Path:
-    """configs/ of the checkout (editable install), or $PROTEIN_MLM_CONFIGS, or ./configs."""
-    candidates = [os.environ.get("PROTEIN_MLM_CONFIGS"), Path(__file__).resolve().parents[2] / "configs", "configs"]
-    for candidate in candidates:
+    """$PROTEIN_MLM_CONFIGS, else ./configs when it holds train.yaml (a local copy to edit), else the packaged set."""
+    for candidate in (os.environ.get("PROTEIN_MLM_CONFIGS"), "configs"):
         if candidate and (Path(candidate) / "train.yaml").is_file():
             return Path(candidate).resolve()
-    raise SystemExit("error: cannot find the configs/ directory; run from the project root or set PROTEIN_MLM_CONFIGS")
+    if os.environ.get("PROTEIN_MLM_CONFIGS"):
+        raise SystemExit(f"error: PROTEIN_MLM_CONFIGS={os.environ['PROTEIN_MLM_CONFIGS']} holds no train.yaml")
+    return packaged_configs()
+
+
+def copy_configs_main() -> None:
+    """`protein-mlm-configs [DIR]`: copy the packaged configs to DIR (./configs), which then take precedence."""
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "configs")
+    if target.exists():
+        fail(f"{target} exists already; pass a new directory (e.g. protein-mlm-configs my_configs)")
+    shutil.copytree(packaged_configs(), target, ignore=shutil.ignore_patterns("__init__.py", "__pycache__"))
+    print(
+        f"copied the configs to {target}; runs from {target.parent.resolve()} use them "
+        f"(elsewhere: PROTEIN_MLM_CONFIGS={target.resolve()})"
+    )
 
 
 CONFIG_DIR = find_config_dir()
