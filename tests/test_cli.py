@@ -26,7 +26,17 @@ def assert_user_error(result, *fragments):
         (["optimizer.lr=0"], ["optimizer.lr=0", "> 0"]),
         (["optimizer.lr=-1e-4"], ["optimizer.lr"]),
         (["trainer.max_steps=0"], ["trainer.max_steps=0", "> 0"]),
-        (["scheduler.warmup_steps=-5"], ["warmup_steps=-5", "negative"]),
+        (["scheduler.warmup_steps=-5"], ["warmup_steps=-5", ">= 0"]),
+        (["optimizer.lr=abc"], ["optimizer.lr='abc' is not a float", "e.g. optimizer.lr=4e-4"]),
+        (["trainer.max_steps=abc"], ["trainer.max_steps='abc' is not an int"]),
+        (["scheduler.warmup_steps=abc"], ["scheduler.warmup_steps='abc' is not an int"]),
+        (["data.max_tokens=10"], ["data.max_tokens=10 is below data.max_length=1024"]),
+        (["data.max_tokens=abc"], ["data.max_tokens='abc' is not an int or null"]),
+        (["data.val_fraction=0"], ["data.val_fraction=0 leaves no validation set"]),
+        (["trainer.accumulate_grad_batches=0"], ["trainer.accumulate_grad_batches=0 must be >= 1"]),
+        (["seed=-1"], ["seed=-1 must be >= 0"]),
+        (["model=esm1b", "data.max_length=2048"], ["data.max_length=2048", "learned positions cover (1024 tokens)"]),
+        (["data.mask_prob=1.5"], ["data.mask_prob=1.5 must be in (0, 1)"]),
         (["data.train_path=missing.fasta"], ["missing.fasta", "does not exist"]),
         (["ckpt_path=nope.ckpt"], ["nope.ckpt", "does not exist"]),
         (["scheduler=linear", "scheduler.warmup_steps=50", "trainer.max_steps=10"], ["warmup_steps=50"]),
@@ -142,3 +152,26 @@ def test_help_shows_examples_and_every_user_facing_option(tmp_path):
         options = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
         listed = set(groups[group].split(None, 1)[1].replace(",", " ").replace("(", " ").split())
         assert options <= listed, f"{group}: {options - listed} missing from --help"
+
+
+def test_a_refused_resume_or_eval_changes_nothing_in_the_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    result = run_cli(*tiny, "trainer.max_steps=2", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={run_dir}",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    result = run_cli(f"resume={run_dir}", "optimizer.no_decay_bias_and_norm=true", cwd=tmp_path)
+    assert_user_error(result, "has 1 optimizer parameter group(s), this config makes 2")
+    headers_only = tmp_path / "headers.fasta"
+    headers_only.write_text(">a\n>b\n")
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    command = [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={run_dir}", f"data.val_path={headers_only}"]
+    assert_user_error(subprocess.run(command, cwd=tmp_path, capture_output=True, text=True), "holds no sequence")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "outputs").exists()

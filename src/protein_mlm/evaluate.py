@@ -30,6 +30,8 @@ def check_eval_config(cfg: DictConfig) -> None:
         raise ConfigError("no FASTA given; pass data.val_path=<file.fasta[.gz]>")
     if not Path(cfg.data.val_path).is_file():
         raise ConfigError(f"data.val_path={cfg.data.val_path} does not exist; pass the path of a FASTA file")
+    if not any(residues for _, residues in read_fasta(Path(cfg.data.val_path))):  # stops at the first sequence
+        raise ConfigError(f"data.val_path={cfg.data.val_path} holds no sequence; pass a FASTA with at least one")
 
 
 def fasta_dataset(path: str | Path) -> datasets.Dataset:

@@ -54,14 +54,64 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
+# The value rules of a run, in one table: key, type (None: may be null), the requirement, an example.
+VALUE_RULES: tuple[tuple[str, tuple, Any, str, str], ...] = (
+    ("optimizer.lr", (float,), lambda v: v > 0, "> 0 (the peak LR)", "optimizer.lr=4e-4"),
+    ("trainer.max_steps", (int,), lambda v: v > 0, "> 0 (optimizer updates)", "trainer.max_steps=1000"),
+    ("scheduler.warmup_steps", (int,), lambda v: v >= 0, ">= 0", "scheduler.warmup_steps=100"),
+    ("trainer.accumulate_grad_batches", (int,), lambda v: v >= 1, ">= 1", "trainer.accumulate_grad_batches=4"),
+    ("trainer.val_check_interval", (int, None), lambda v: v >= 1, ">= 1 (updates)", "trainer.val_check_interval=500"),
+    ("trainer.gradient_clip_val", (float, None), lambda v: v > 0, "> 0 or null", "trainer.gradient_clip_val=1.0"),
+    ("seed", (int,), lambda v: v >= 0, ">= 0", "seed=0"),
+    ("data.max_length", (int,), lambda v: v >= 3, ">= 3 (room for <cls>, <eos> and a residue)", "data.max_length=1024"),
+    ("data.max_tokens", (int, None), lambda v: v >= 3, ">= data.max_length, or null", "data.max_tokens=4096"),
+    ("data.batch_size", (int,), lambda v: v >= 1, ">= 1", "data.batch_size=16"),
+    ("data.val_fraction", (float,), lambda v: 0 <= v < 1, "in [0, 1)", "data.val_fraction=0.03"),
+    ("data.mask_prob", (float,), lambda v: 0 < v < 1, "in (0, 1)", "data.mask_prob=0.15"),
+    ("data.num_workers", (int,), lambda v: v >= 0, ">= 0", "data.num_workers=2"),
+)
+
+
+def _type_ok(value: Any, types: tuple) -> bool:
+    if value is None:
+        return None in types
+    if isinstance(value, bool):
+        return False
+    return (float in types and isinstance(value, int | float)) or (int in types and isinstance(value, int))
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Each VALUE_RULES key has its type and range; the message names the key, the value and an example."""
+    for key, types, valid, requirement, example in VALUE_RULES:
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if isinstance(value, str) and value == "<absent>":
+            continue
+        kind = " or ".join("null" if t is None else t.__name__ for t in types)
+        if not _type_ok(value, types):
+            raise ConfigError(f"{key}={value!r} is not {'an' if kind[0] == 'i' else 'a'} {kind}; e.g. {example}")
+        if value is not None and not valid(value):
+            raise ConfigError(f"{key}={value} must be {requirement}; e.g. {example}")
+    data = cfg.data
+    if data.get("max_tokens") is not None and data.max_tokens < data.max_length:
+        raise ConfigError(
+            f"data.max_tokens={data.max_tokens} is below data.max_length={data.max_length}, so a long sequence fits "
+            "no batch; raise data.max_tokens or lower data.max_length"
+        )
+    if data.get("val_path") is None and not data.get("streaming") and data.val_fraction == 0:
+        raise ConfigError(
+            "data.val_fraction=0 leaves no validation set; use e.g. data.val_fraction=0.03 or pass data.val_path"
+        )
+    arch = cfg.model.architecture
+    if arch.get("position_embedding_type") == "absolute" and data.max_length > arch.max_position_embeddings - 2:
+        raise ConfigError(
+            f"data.max_length={data.max_length} exceeds what model={cfg.model.name}'s learned positions cover "
+            f"({arch.max_position_embeddings - 2} tokens); use data.max_length={arch.max_position_embeddings - 2}"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Reject values that would fail late or train silently wrong, with the fix in the message."""
-    if not cfg.optimizer.lr > 0:
-        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be > 0 (it is the peak LR); e.g. optimizer.lr=4e-4")
-    if not cfg.trainer.max_steps > 0:
-        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0; e.g. trainer.max_steps=1000")
-    if cfg.scheduler.get("warmup_steps", 0) < 0:
-        raise ConfigError(f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} is negative; use 0 or more")
+    check_values(cfg)
     if cfg.get("ckpt_path"):
         check_checkpoint_matches(cfg)
     init_from = cfg.model.get("init_from")
@@ -106,6 +156,13 @@ def check_checkpoint_matches(cfg: DictConfig) -> None:
             f"checkpoint {cfg.ckpt_path} was written by an older protein-mlm (format {checkpoint.get(FORMAT_KEY, 1)}) "
             "whose data position cannot be restored exactly; start a new run, or continue from its weights with "
             "model.init_from=<a directory written by scripts/export_hf.py>"
+        )
+    groups = len(checkpoint.get("optimizer_states", [{}])[0].get("param_groups", [])) or None
+    wanted_groups = 2 if cfg.optimizer.get("no_decay_bias_and_norm") else 1
+    if groups is not None and groups != wanted_groups:
+        raise ConfigError(
+            f"checkpoint {cfg.ckpt_path} has {groups} optimizer parameter group(s), this config makes {wanted_groups} "
+            "(optimizer.no_decay_bias_and_norm changed); continue with the setting the run started with"
         )
     saved = checkpoint["hyper_parameters"]["architecture"]
     wanted = OmegaConf.to_container(cfg.model.architecture, resolve=True)
