@@ -130,3 +130,17 @@ def test_resume_with_data_workers(tmp_path, small_fasta):
     assert run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
     run_chain(tmp_path / "workers", [*args, "data.num_workers=2"], [(9, 0)], "KILL")
     assert_same_run(tmp_path / "workers", straight, max_steps)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_loses_no_checkpoint(tmp_path, small_fasta):
+    import torch
+
+    run_dir = tmp_path / "run"
+    full_disk = ["+callbacks.disk._target_=protein_mlm.debug.callbacks.DiskFull", "+callbacks.disk.at_step=5"]
+    result = run_cli(*BASE, *small_fasta, "trainer.max_steps=12", *full_disk, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: cannot write") and "No space left on device" in last_line
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # the earlier one
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # no partial file left
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"

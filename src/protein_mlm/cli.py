@@ -4,6 +4,7 @@ Hydra prints multi-line errors (and tracebacks, e.g. for a run dir it cannot cre
 code runs. So the overrides are composed and checked here first; a bad one ends with one line and exit 2.
 """
 
+import errno
 import importlib.resources
 import logging
 import math
@@ -37,6 +38,8 @@ from .sweep import (
 
 log = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
+# Failures of the storage, not of the program: one line, like a user error (e.g. a disk that fills up mid-run).
+STORAGE_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 
 # hydra.sweep.subdir: jobs are named by the values of the swept keys only, e.g. scheduler.warmup_steps=1000
 OmegaConf.register_new_resolver(
@@ -266,7 +269,15 @@ def run_task(task, cfg: DictConfig) -> float:
         with open_dict(cfg):
             cfg.num_threads = threads_per_parallel_job(HydraConfig.get().launcher)
     try:
-        metrics = task(cfg)
+        try:
+            metrics = task(cfg)
+        except OSError as e:
+            if e.errno not in STORAGE_ERRORS:
+                raise
+            raise UserError(
+                f"cannot write {e.filename or 'a file'} ({e.strerror}); free space or choose a writable "
+                "paths.log_dir / paths.cache_dir (checkpoints written before are intact; resume= continues)"
+            ) from None
     except Exception as e:
         status = {"TrainingDiverged": "diverged", "Preempted": "preempted"}.get(type(e).__name__, "failed")
         if distributed_rank() == 0 and Path(cfg.paths.output_dir).is_dir():

@@ -1,5 +1,6 @@
 """Callbacks that make interruptions and data order observable: for the stop-and-go tests and for debugging."""
 
+import errno
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 
 from ..loader import POSITION_KEY
 
@@ -45,6 +47,24 @@ def batch_digest(batch: dict[str, Any]) -> str:
     for key in ("input_ids", "labels"):
         digest.update(batch[key].cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+class DiskFull(pl.Callback):
+    """From update `at_step` on, every checkpoint write fails with `errno_name` (ENOSPC: disk full; EACCES)."""
+
+    def __init__(self, at_step: int, errno_name: str = "ENOSPC"):
+        self.at_step, self.errno = at_step, getattr(errno, errno_name)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step < self.at_step or getattr(torch.save, "failing", False):
+            return
+        code = self.errno
+
+        def failing_save(obj, f, *save_args, **save_kwargs):
+            raise OSError(code, os.strerror(code), getattr(f, "name", str(f)))
+
+        failing_save.failing = True
+        torch.save = failing_save
 
 
 class BatchRecorder(pl.Callback):
