@@ -51,3 +51,21 @@ def test_default_groups_instantiate(tmp_path):
     logger = instantiate(cfg.logger.tensorboard)
     trainer = instantiate(cfg.trainer, precision="32-true", logger=logger)
     assert trainer.max_steps == cfg.trainer.max_steps and trainer.log_every_n_steps == 1
+
+
+def test_a_run_that_cannot_fit_the_machine_is_refused_before_it_starts(monkeypatch):
+    from protein_mlm import memory
+    from protein_mlm.errors import ConfigError
+    from protein_mlm.preflight import check_memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda on_gpu: 24 * 2**30)  # a 24 GiB machine
+    check_memory(compose_config("trainer=cpu"))  # ESM-2 8M at 4,096 tokens fits
+    with pytest.raises(ConfigError, match=r"model=esm2_3b .* needs about \d+\.\d GiB .* 24\.0 GiB free"):
+        check_memory(compose_config("trainer=cpu", "model=esm2_3b"))
+    check_memory(compose_config("trainer=cpu", "model=esm2_3b", "perf.check_memory=false"))  # the override
+    monkeypatch.setattr(memory, "available_bytes", lambda on_gpu: 3 * 2**30)
+    with pytest.raises(ConfigError, match="model.activation_checkpointing=true"):  # activations dominate here
+        check_memory(compose_config("trainer=cpu", "model=esm2_35m", "data.max_tokens=16384"))
+    check_memory(
+        compose_config("trainer=cpu", "model=esm2_35m", "data.max_tokens=16384", "model.activation_checkpointing=true")
+    )

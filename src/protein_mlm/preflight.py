@@ -10,9 +10,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from . import memory
 from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
 from .data import check_streaming_options
 from .errors import ConfigError
+from .model import build_model, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +111,48 @@ def check_values(cfg: DictConfig) -> None:
         )
 
 
+def check_memory(cfg: DictConfig) -> None:
+    """Refuse a run whose estimated training memory exceeds what this machine (or GPU) has available."""
+    if not cfg.get("perf", {}).get("check_memory", True):
+        return
+    arch, data = cfg.model.architecture, cfg.data
+    on_gpu = uses_gpu(cfg.trainer.accelerator)
+    available = memory.available_bytes(on_gpu)
+    if available is None:
+        return
+    parameters = count_parameters(build_model(OmegaConf.to_container(arch, resolve=True), device="meta"))
+    processes = 1 if on_gpu else num_devices(cfg.trainer)  # DDP on CPU: every process on this host
+    shards = (
+        num_devices(cfg.trainer) * cfg.trainer.get("num_nodes", 1)
+        if "fsdp" in str(cfg.trainer.get("strategy")).lower()
+        else 1
+    )
+    tokens = data.max_tokens or data.batch_size * data.max_length
+    state, activations = memory.training_bytes(
+        parameters,
+        arch.num_hidden_layers,
+        arch.hidden_size,
+        tokens,
+        shards=shards,
+        activation_checkpointing=cfg.model.get("activation_checkpointing", False),
+    )
+    need = (state + activations) * processes
+    if need > available:
+        gib = 2**30
+        where = "this GPU" if on_gpu else "this machine"
+        raise ConfigError(
+            f"model={cfg.model.name} with {tokens:,} tokens per batch needs about {need / gib:.1f} GiB "
+            f"({state * processes / gib:.1f} GiB weights, gradients and AdamW states + "
+            f"{activations * processes / gib:.1f} GiB activations) but {where} has {available / gib:.1f} GiB free; "
+            "use model.activation_checkpointing=true, trainer=fsdp, a smaller model or data.max_tokens, or skip this "
+            "estimate with perf.check_memory=false"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Reject values that would fail late or train silently wrong, with the fix in the message."""
     check_values(cfg)
+    check_memory(cfg)
     if cfg.get("ckpt_path"):
         check_checkpoint_matches(cfg)
     init_from = cfg.model.get("init_from")
