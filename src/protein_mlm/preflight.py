@@ -141,7 +141,7 @@ def check_memory(cfg: DictConfig) -> None:
         gib = 2**30
         where = "this GPU" if on_gpu else "this machine"
         raise ConfigError(
-            f"model={cfg.model.name} with {tokens:,} tokens per batch needs about {need / gib:.1f} GiB "
+            f"model={cfg.model.name} with {tokens:,} tokens per batch needs at least {need / gib:.1f} GiB "
             f"({state * processes / gib:.1f} GiB weights, gradients and AdamW states + "
             f"{activations * processes / gib:.1f} GiB activations) but {where} has {available / gib:.1f} GiB free; "
             "use model.activation_checkpointing=true, trainer=fsdp, a smaller model or data.max_tokens, or skip this "
