@@ -35,7 +35,8 @@ def plot_lr_curves(curves: list[tuple[str, Callable[[int], float], float, int]],
     ax.set(xlabel="optimizer step", ylabel="learning rate", title=title)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # Below the axes: long labels inside would cover the curves' peaks.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
