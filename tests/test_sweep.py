@@ -127,7 +127,7 @@ def test_parallel_launchers(tmp_path, launcher):
 
 
 def test_summary_plot_has_lr_train_and_validation_panels_in_numeric_order(tmp_path):
-    from protein_mlm.sweep import plot_sweep
+    from protein_mlm.summary import plot_sweep
 
     jobs = {w: {"lr-inverse_sqrt": [(0, 0.1), (1, 0.2)], "train/loss": [(0, 3.4), (1, 3.3)], "val/loss": [(1, 3.2)]}
             for w in (100, 30, 5)}  # fmt: skip

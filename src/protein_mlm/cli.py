@@ -13,28 +13,18 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, UserError
 from .overrides import override_key
-from .sweep import (
-    SWEPT_KEYS_ENV,
-    expand_sweep,
-    job_dir_name,
-    swept_keys,
-    warn_short_validation,
-    write_status,
-    write_summary,
-)
+from .sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation, write_status
 
 log = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
@@ -221,44 +211,6 @@ def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
     explicit = any(override_key(arg) == "hydra.run.dir" for arg in argv)
     run_dir = make_run_dir(cfg.hydra.run.dir, explicit)
     return [a for a in argv if override_key(a) != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"]
-
-
-class SweepSummaryCallback(Callback):
-    """Hydra callback: names multirun jobs by their swept values, and keeps summary.csv/.md/.png up to date."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        params = config.hydra.sweeper.get("params")  # set by search sweepers such as Optuna
-        params = OmegaConf.to_container(params, resolve=False) if params else {}
-        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(list(config.hydra.overrides.task), params))
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if config.hydra.mode == RunMode.MULTIRUN:
-            self._summarize(config.hydra.sweep.dir)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if self._summarize(sweep_dir) is not None:
-            print(f"\nSweep summary ({sweep_dir}/summary.md, summary.csv, summary.png):")
-            print((sweep_dir / "summary.md").read_text())
-            print(f"View every job's curves: tensorboard --logdir {sweep_dir}", flush=True)
-
-    @staticmethod
-    def _summarize(sweep_dir: str):
-        try:
-            return write_summary(sweep_dir)
-        except Exception as e:  # a summary problem must never end the sweep
-            log.warning("could not write the sweep summary: %s", e)
-            return None
-
-
-def threads_per_parallel_job(launcher: DictConfig) -> int | None:
-    """CPU threads per job when the joblib launcher runs several at once, so jobs x threads <= cores."""
-    if "joblib" not in str(launcher.get("_target_", "")):
-        return None
-    cores = os.cpu_count() or 1
-    n_jobs = launcher.get("n_jobs") or -1
-    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
-    return max(1, cores // parallel)
 
 
 def run_task(task, cfg: DictConfig) -> float:
