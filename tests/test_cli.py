@@ -37,6 +37,13 @@ def assert_user_error(result, *fragments):
         (["seed=-1"], ["seed=-1 must be >= 0"]),
         (["model=esm1b", "data.max_length=2048"], ["data.max_length=2048", "learned positions cover (1024 tokens)"]),
         (["data.mask_prob=1.5"], ["data.mask_prob=1.5 must be in (0, 1)"]),
+        (
+            ["scheduler.warmup_step=10"],
+            ["scheduler.warmup_step is not a config key; did you mean scheduler.warmup_steps?"],
+        ),
+        (["trainer.accelerator=cpu", "trainer.precision=16-mixed"], ["trainer.precision=16-mixed needs a GPU"]),
+        (["data.train_path=."], ["data.train_path=. is a directory"]),
+        (["ckpt_path=."], ["ckpt_path=. is a directory", "resume=<run dir>"]),
         (["data.train_path=missing.fasta"], ["missing.fasta", "does not exist"]),
         (["ckpt_path=nope.ckpt"], ["nope.ckpt", "does not exist"]),
         (["scheduler=linear", "scheduler.warmup_steps=50", "trainer.max_steps=10"], ["warmup_steps=50"]),

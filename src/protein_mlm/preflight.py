@@ -152,7 +152,6 @@ def check_memory(cfg: DictConfig) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Reject values that would fail late or train silently wrong, with the fix in the message."""
     check_values(cfg)
-    check_memory(cfg)
     if cfg.get("ckpt_path"):
         check_checkpoint_matches(cfg)
     init_from = cfg.model.get("init_from")
@@ -179,6 +178,8 @@ def check_config(cfg: DictConfig) -> None:
             "set optimizer.fused=false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
         )
     build_schedule(cfg)
+    if not cfg.get("plan_only"):  # last: a specific error first; a plan (e.g. on a login node) trains nothing
+        check_memory(cfg)
     if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:
         log.warning(
             "scheduler.warmup_steps=%s exceeds trainer.max_steps=%s: the LR never reaches optimizer.lr",
