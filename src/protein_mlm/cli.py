@@ -4,15 +4,18 @@ Hydra prints multi-line errors (and tracebacks, e.g. for a run dir it cannot cre
 code runs. So the overrides are composed and checked here first; a bad one ends with one line and exit 2.
 """
 
+import difflib
 import errno
 import importlib.resources
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -85,7 +88,34 @@ def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"{_one_line(e)} (list groups and keys with --help / --cfg job)") from None
+        raise ConfigError(_unknown_key_message(config_name, overrides, e) or f"{_one_line(e)} (see --help)") from None
+
+
+def _unknown_key_message(config_name: str, overrides: list[str], error: BaseException) -> str | None:
+    """For an override of a key that does not exist: name it and the nearest existing key."""
+    match = re.search(r"Could not override '([^']+)'", str(error))
+    if not match:
+        return None
+    key = match.group(1)
+    rest = [o for o in overrides if override_key(o) != key]
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=rest)
+    except (HydraException, OmegaConfBaseException):
+        return None
+    keys = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]}?" if near else "list the keys with --cfg job"
+    return f"{key} is not a config key; {hint} (to add a new key on purpose, write +{key}=...)"
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix] if prefix else []
+    keys = [prefix] if prefix else []
+    for name, value in node.items():
+        keys += _dotted_keys(value, f"{prefix}.{name}" if prefix else str(name))
+    return keys
 
 
 def make_run_dir(requested: str, explicit: bool) -> str:

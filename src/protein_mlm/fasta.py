@@ -43,6 +43,8 @@ def _check_text(path: Path, line_no: int, line: bytes) -> None:
 def read_fasta(path: str | Path) -> Iterator[tuple[str, bytes]]:
     """Yield (record id, upper-case residues) for every record; reject anything that is not clean FASTA."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; pass a FASTA file (a directory of them needs data.streaming=true)")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; check the path (data.train_path / data.val_path)")
     if path.stat().st_size == 0:
@@ -51,14 +53,18 @@ def read_fasta(path: str | Path) -> Iterator[tuple[str, bytes]]:
     try:
         with open_maybe_gzipped(path) as handle:
             for line_no, raw in enumerate(handle, start=1):
-                _check_text(path, line_no, raw)
+                if line_no == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
                 line = raw.strip()
-                if not line:
-                    continue
-                if line.startswith(b">"):
+                if line.startswith(b">"):  # only the id is used: any bytes after it are ignored
                     if name is not None:
                         yield name, b"".join(chunks).upper()
-                    name, chunks, seen_record = line[1:].decode().split(" ")[0] or f"record@{line_no}", [], True
+                    record_id = line[1:].split(maxsplit=1)[0] if line[1:].strip() else b""
+                    name = record_id.decode("utf-8", errors="replace") or f"record@{line_no}"
+                    chunks, seen_record = [], True
+                    continue
+                _check_text(path, line_no, raw)
+                if not line:
                     continue
                 if name is None:
                     raise DataError(
@@ -66,6 +72,11 @@ def read_fasta(path: str | Path) -> Iterator[tuple[str, bytes]]:
                         "is this a FASTA file? each record must start with a '>name' line"
                     )
                 bad = line.translate(None, _VALID)
+                if bad and bad.strip(b"-.") == b"":
+                    raise DataError(
+                        f"{path}:{line_no}: alignment gap characters ('-' or '.'); pass unaligned sequences "
+                        "(strip the gaps, e.g. with `seqkit seq -g`)"
+                    )
                 if bad:
                     column = next(i for i, c in enumerate(line, 1) if c not in _VALID)
                     raise DataError(

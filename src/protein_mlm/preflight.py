@@ -157,9 +157,25 @@ def check_config(cfg: DictConfig) -> None:
     init_from = cfg.model.get("init_from")
     if init_from and not (Path(init_from) / "config.json").is_file():
         raise ConfigError(f"model.init_from={init_from} holds no config.json; pass a local Hugging Face ESM directory")
+    train, val = cfg.data.get("train_path"), cfg.data.get("val_path")
+    if train and val and Path(train).resolve() == Path(val).resolve():
+        raise ConfigError(
+            f"data.train_path and data.val_path are the same file ({train}); pass a separate validation FASTA, or drop "
+            "data.val_path to hold out data.val_fraction of the training file"
+        )
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    if str(precision).startswith("16") and not uses_gpu(cfg.trainer.accelerator):
+        raise ConfigError(
+            f"trainer.precision={cfg.trainer.precision} needs a GPU (on CPU Lightning would train in bf16 instead); "
+            "use trainer.precision=bf16-mixed or 32-true"
+        )
     for key in ("train_path", "val_path"):
         path = cfg.data.get(key)
         streamed_dir = key == "train_path" and cfg.data.get("streaming") and Path(str(path)).is_dir()
+        if path and Path(path).is_dir() and not streamed_dir:
+            raise ConfigError(
+                f"data.{key}={path} is a directory; pass a FASTA file (a directory of them needs data.streaming=true)"
+            )
         if path and not Path(path).is_file() and not streamed_dir:
             raise ConfigError(f"data.{key}={path} does not exist; pass the path of a FASTA file (.fasta or .fasta.gz)")
     strategy = cfg.trainer.get("strategy")
@@ -190,6 +206,8 @@ def check_config(cfg: DictConfig) -> None:
 
 def check_checkpoint_matches(cfg: DictConfig) -> None:
     """The checkpoint to continue from must load safely and hold the requested architecture."""
+    if Path(cfg.ckpt_path).is_dir():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is a directory; pass a .ckpt file, or resume=<run dir>")
     if not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass the path of a .ckpt file")
     checkpoint = load_checkpoint(cfg.ckpt_path, mmap=True)  # metadata only: the tensors stay on disk

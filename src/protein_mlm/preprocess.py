@@ -196,12 +196,14 @@ def build_splits(
         for _, residues in _unique_sequences(train_path, DigestSet(), counts, exclude=val_digests):
             writers["train"].add(residues)
     splits = {name: writer.close() for name, writer in writers.items()}
+    if counts["records"] == counts["empty"]:
+        raise DataError(f"{train_path} holds no sequence (only headers?); pass a FASTA with sequences")
+    if val_path is not None and not len(splits["val"]):
+        raise DataError(f"{val_path} holds no sequence (only headers?); pass a validation FASTA with sequences")
     if not len(splits["train"]) or not len(splits["val"]):
         which = "training" if not len(splits["train"]) else "validation"
-        raise DataError(
-            f"the {which} split of {train_path} is empty; give more sequences, "
-            "change data.val_fraction or pass data.val_path"
-        )
+        fix = "pass a training FASTA that differs from data.val_path" if val_path else "change data.val_fraction"
+        raise DataError(f"the {which} split of {train_path} is empty; give more sequences or {fix}")
     stats = SplitStats(
         len(splits["train"]), len(splits["val"]), counts["duplicates"], counts["empty"], counts["excluded"]
     )
