@@ -40,6 +40,17 @@ def _decay_progress(step: int, warmup_steps: int, decay_end: float) -> float:
     return min(1.0, (step - warmup_steps) / (decay_end - warmup_steps))
 
 
+def _warmup_then(
+    step: int, warmup_steps: int, decay_end: float, peak_lr: float, warmup_init_lr: float, decay: Callable
+) -> float:
+    """Linear warmup, then `decay(progress)` with progress from 0 (end of warmup) to 1 (`decay_end`) and after."""
+    _check(warmup_steps, peak_lr, warmup_init_lr)
+    _check_decay(warmup_steps, decay_end)
+    if step < warmup_steps:
+        return _warmup(step, warmup_steps, peak_lr, warmup_init_lr)
+    return decay(_decay_progress(step, warmup_steps, decay_end))
+
+
 def constant(step: int, *, warmup_steps: int = 0, peak_lr: float = 1.0, warmup_init_lr: float = 0.0) -> float:
     """Linear warmup, then the peak LR for ever."""
     _check(warmup_steps, peak_lr, warmup_init_lr)
@@ -82,12 +93,10 @@ def linear(
     decay_end_fraction: float = 1.0,
 ) -> float:
     """Linear warmup, linear decay to `final_lr_ratio` at `decay_end_fraction * total_steps`, then flat (ESM-2)."""
-    _check(warmup_steps, peak_lr, warmup_init_lr)
-    _check_decay(warmup_steps, decay_end_fraction * total_steps)
-    if step < warmup_steps:
-        return _warmup(step, warmup_steps, peak_lr, warmup_init_lr)
-    progress = _decay_progress(step, warmup_steps, decay_end_fraction * total_steps)
-    return 1.0 - (1.0 - final_lr_ratio) * progress
+    decay_end = decay_end_fraction * total_steps
+    return _warmup_then(
+        step, warmup_steps, decay_end, peak_lr, warmup_init_lr, lambda p: 1.0 - (1.0 - final_lr_ratio) * p
+    )
 
 
 def cosine(
@@ -100,12 +109,11 @@ def cosine(
     final_lr_ratio: float = 0.0,
 ) -> float:
     """Linear warmup, then half a cosine from the peak down to `final_lr_ratio` at `total_steps`."""
-    _check(warmup_steps, peak_lr, warmup_init_lr)
-    _check_decay(warmup_steps, total_steps)
-    if step < warmup_steps:
-        return _warmup(step, warmup_steps, peak_lr, warmup_init_lr)
-    progress = _decay_progress(step, warmup_steps, total_steps)
-    return final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def half_cosine(progress: float) -> float:
+        return final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return _warmup_then(step, warmup_steps, total_steps, peak_lr, warmup_init_lr, half_cosine)
 
 
 def polynomial(
@@ -119,12 +127,11 @@ def polynomial(
     power: float = 1.0,
 ) -> float:
     """Linear warmup, then `(1 - progress) ** power` decay to `final_lr_ratio` at `total_steps` (fairseq)."""
-    _check(warmup_steps, peak_lr, warmup_init_lr)
-    _check_decay(warmup_steps, total_steps)
-    if step < warmup_steps:
-        return _warmup(step, warmup_steps, peak_lr, warmup_init_lr)
-    progress = _decay_progress(step, warmup_steps, total_steps)
-    return final_lr_ratio + (1.0 - final_lr_ratio) * (1.0 - progress) ** power
+
+    def power_decay(progress: float) -> float:
+        return final_lr_ratio + (1.0 - final_lr_ratio) * (1.0 - progress) ** power
+
+    return _warmup_then(step, warmup_steps, total_steps, peak_lr, warmup_init_lr, power_decay)
 
 
 def lambda_scheduler(optimizer: Optimizer, schedule: Callable[[int], float]) -> LambdaLR:
