@@ -4,7 +4,6 @@ Hydra prints multi-line errors (and tracebacks, e.g. for a run dir it cannot cre
 code runs. So the overrides are composed and checked here first; a bad one ends with one line and exit 2.
 """
 
-import difflib
 import errno
 import importlib.resources
 import logging
@@ -15,7 +14,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -26,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, UserError
-from .overrides import override_key
+from .overrides import nearest_key, override_key
 from .sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation, write_status
 
 log = logging.getLogger(__name__)
@@ -103,19 +101,9 @@ def _unknown_key_message(config_name: str, overrides: list[str], error: BaseExce
             cfg = compose(config_name, overrides=rest)
     except (HydraException, OmegaConfBaseException):
         return None
-    keys = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
-    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    hint = f"did you mean {near[0]}?" if near else "list the keys with --cfg job"
+    near = nearest_key(key, OmegaConf.to_container(cfg, resolve=False))
+    hint = f"did you mean {near}?" if near else "list the keys with --cfg job"
     return f"{key} is not a config key; {hint} (to add a new key on purpose, write +{key}=...)"
-
-
-def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
-    if not isinstance(node, dict):
-        return [prefix] if prefix else []
-    keys = [prefix] if prefix else []
-    for name, value in node.items():
-        keys += _dotted_keys(value, f"{prefix}.{name}" if prefix else str(name))
-    return keys
 
 
 def make_run_dir(requested: str, explicit: bool) -> str:
