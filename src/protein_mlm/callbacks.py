@@ -136,6 +136,7 @@ class ResumeCheckpoint(pl.Callback):
         self.every_n_train_steps = every_n_train_steps
         self._saved_step = -1
         self._validated = False
+        self._pending: int | None = None  # micro-batches of the open window, while this callback saves
         self.sigterm = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -157,7 +158,7 @@ class ResumeCheckpoint(pl.Callback):
             self._validated = True
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        stop = self._sigterm_on_any_rank(trainer)
+        stop = self._sigterm_on_any_rank(trainer)  # every rank calls this at the same micro-batch
         at_boundary = getattr(pl_module, "_micro_batches", 0) == 0
         due = trainer.global_step % self.every_n_train_steps == 0 or self._validated
         if stop or (at_boundary and due and trainer.global_step > self._saved_step):
@@ -174,18 +175,16 @@ class ResumeCheckpoint(pl.Callback):
         self._saved_step, self._validated = trainer.global_step, False
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        pending = getattr(self, "_pending", None)
-        if pending is not None:  # only checkpoints this callback writes; the best ones are Lightning's own
-            rewind_to_last_update(checkpoint, pending, trainer.val_check_batch)
+        if self._pending is not None:  # only checkpoints this callback writes; the best ones are Lightning's own
+            rewind_to_last_update(checkpoint, self._pending, trainer.val_check_batch)
             self._pending = None
 
-    @staticmethod
-    def _sigterm_on_any_rank(trainer: pl.Trainer) -> bool:
-        callback = next(c for c in trainer.callbacks if isinstance(c, ResumeCheckpoint))
-        flag = callback.sigterm
-        if trainer.world_size > 1:  # a SIGTERM may reach only some ranks: all stop at the same micro-batch
-            flag = bool(trainer.strategy.reduce(torch.tensor(float(flag)), reduce_op="max"))
-        return flag
+    def _sigterm_on_any_rank(self, trainer: pl.Trainer) -> bool:
+        if trainer.world_size == 1:
+            return self.sigterm
+        # A SIGTERM may reach only some ranks: all stop at the same micro-batch.
+        flag = torch.tensor(float(self.sigterm), device=trainer.strategy.root_device)  # NCCL reduces GPU tensors only
+        return bool(trainer.strategy.reduce(flag, reduce_op="max"))
 
 
 class BestCheckpoint(ModelCheckpoint):
