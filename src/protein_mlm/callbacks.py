@@ -6,7 +6,6 @@ import math
 import re
 import signal
 import statistics
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from .console import stdout_is_terminal
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class StepProgressBar(RichProgressBar):
     and the data epoch (the training loader's, not Lightning's single endless epoch)."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not sys.stdout.isatty():  # redirected output: console.PlainProgress prints plain lines instead
+        if not stdout_is_terminal():  # redirected output: console.PlainProgress prints plain lines instead
             self.disable()
         super().setup(trainer, pl_module, stage)
 
