@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .console import stdout_is_terminal
-from .errors import UserError
+from .errors import TrainingDiverged, UserError
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +77,17 @@ class StepProgressBar(RichProgressBar):
         self.refresh()
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Host values only: the LR, the loss of the last update read, the data epoch (a refresh never syncs)."""
         metrics = super().get_metrics(trainer, pl_module)
-        if isinstance(metrics.get("lr"), float):
-            metrics["lr"] = f"{metrics['lr']:.2e}"
+        if trainer.optimizers:
+            metrics["lr"] = f"{trainer.optimizers[0].param_groups[0]['lr']:.2e}"
+        latest = getattr(getattr(pl_module, "updates", None), "latest", None)
+        if latest is not None:
+            metrics["loss"] = f"{latest.loss:.4f}"
         loader = trainer.train_dataloader
         if hasattr(loader, "epoch"):
             metrics["epoch"] = loader.epoch
         return metrics
-
-
-class TrainingDiverged(UserError):
-    """Training produced a non-finite or runaway loss; carries the step it happened at."""
-
-    def __init__(self, step: int, reason: str):
-        self.step = step
-        super().__init__(
-            f"training diverged at step {step}: {reason}; lower optimizer.lr, raise scheduler.warmup_steps "
-            "or set trainer.gradient_clip_val (the last good checkpoint is kept)"
-        )
 
 
 class Preempted(UserError):
@@ -170,6 +163,8 @@ class ResumeCheckpoint(pl.Callback):
         self.save(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if hasattr(pl_module, "updates"):
+            pl_module.updates.flush()  # logged and judged before the guard's state is saved
         self._pending = getattr(pl_module, "_micro_batches", 0)
         trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes
         self._saved_step, self._validated = trainer.global_step, False
@@ -208,32 +203,38 @@ class DivergenceGuard(pl.Callback):
     """Stop at the first non-finite loss or gradient norm, or after `patience` updates with loss > `max_loss`;
     warn about a loss spike (over `spike_factor` x the median of the last `spike_window` updates).
 
-    It reads each update's token-weighted loss and its gradient norm after the rescale (`MaskedLMModule.last_update`),
-    so `max_loss`, the spike factor and both windows mean the same at any `accumulate_grad_batches`. Raising before
-    the optimizer step keeps NaNs out of the weights, and the last checkpoint stays the last good one. Its windows
-    are saved in checkpoints, so a resumed run judges as the uninterrupted one would.
+    It judges each update's token-weighted loss and its gradient norm after the rescale, so `max_loss`, the spike
+    factor and both windows mean the same at any `accumulate_grad_batches`. It reads them when the module reads
+    its updates (once per logging interval, and before every checkpoint); a non-finite update was already kept
+    out of the weights on the device (`MaskedLMModule._skip_if_not_finite`), so the last checkpoint is a good one.
+    Its windows are saved in checkpoints, so a resumed run judges as the uninterrupted one would.
     """
 
     def __init__(self, max_loss: float = 10.0, patience: int = 20, spike_factor: float = 1.5, spike_window: int = 50):
         self.max_loss, self.patience = max_loss, patience
         self.spike_factor, self.recent = spike_factor, collections.deque(maxlen=spike_window)
         self._steps_above = 0
+        self._scaled = False  # fp16's loss scaler skips non-finite steps and lowers its scale: not divergence
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        update = getattr(pl_module, "last_update", None)
-        if update is None:
-            return
-        loss, norm, step = float(update.loss), float(update.grad_norm), update.step
-        if not math.isfinite(loss):
-            raise TrainingDiverged(step, f"loss is {loss}")
-        if not math.isfinite(norm) and getattr(trainer.precision_plugin, "scaler", None) is None:
-            raise TrainingDiverged(step, f"gradient norm is {norm}")  # (fp16's loss scaler skips such steps)
-        if len(self.recent) >= 10 and loss > self.spike_factor * statistics.median(self.recent):
-            log.warning("loss spike at step %d: %.4g, over %g x the recent median", step, loss, self.spike_factor)
-        self.recent.append(loss)
-        self._steps_above = self._steps_above + 1 if loss > self.max_loss else 0
-        if self._steps_above >= self.patience:
-            raise TrainingDiverged(step, f"loss above {self.max_loss} for {self.patience} updates (now {loss:.3g})")
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if hasattr(pl_module, "updates"):
+            pl_module.updates.subscribe(self.judge)
+
+    def judge(self, records) -> None:
+        """Check each update in order (UpdateRecords)."""
+        for record in records:
+            loss, step = record.loss, record.step
+            if not math.isfinite(loss):
+                raise TrainingDiverged(step, f"loss is {loss}")
+            if not math.isfinite(record.grad_norm) and not self._scaled:
+                raise TrainingDiverged(step, f"gradient norm is {record.grad_norm}")
+            if len(self.recent) >= 10 and loss > self.spike_factor * statistics.median(self.recent):
+                log.warning("loss spike at step %d: %.4g, over %g x the recent median", step, loss, self.spike_factor)
+            self.recent.append(loss)
+            self._steps_above = self._steps_above + 1 if loss > self.max_loss else 0
+            if self._steps_above >= self.patience:
+                raise TrainingDiverged(step, f"loss above {self.max_loss} for {self.patience} updates (now {loss:.3g})")
 
     def state_dict(self) -> dict[str, Any]:
         return {"recent": list(self.recent), "steps_above": self._steps_above}

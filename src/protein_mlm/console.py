@@ -95,17 +95,19 @@ class PlainProgress(pl.Callback):
         last = 0 < trainer.max_steps <= step
         if not (step % self.every_n_steps == 0 or now - self._last_time >= self.every_seconds or last):
             return
+        if hasattr(pl_module, "updates"):
+            pl_module.updates.flush()  # the loss to print (one host read, shared with the loggers)
         PROGRESS.info(self._line(trainer, pl_module, step, now))
         self._last_time, self._last_tokens = now, getattr(pl_module, "tokens_seen", 0)
 
     def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, now: float) -> str:
-        metrics = trainer.progress_bar_metrics
         total = trainer.max_steps
         parts = [f"step {step}/{total}" if total > 0 else f"step {step}"]
-        if "loss" in metrics:
-            parts.append(f"loss {float(metrics['loss']):.4f}")
-        if "lr" in metrics:
-            parts.append(f"lr {float(metrics['lr']):.3e}")
+        latest = getattr(getattr(pl_module, "updates", None), "latest", None)
+        if latest is not None:
+            parts.append(f"loss {latest.loss:.4f}")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3e}")
         tokens = getattr(pl_module, "tokens_seen", 0) - self._last_tokens
         parts.append(f"{tokens / max(now - self._last_time, 1e-9):,.0f} tok/s")
         epoch = getattr(trainer.train_dataloader, "epoch", None)

@@ -11,3 +11,14 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """An unreadable or invalid data file."""
+
+
+class TrainingDiverged(UserError):
+    """Training produced a non-finite or runaway loss; carries the step it happened at."""
+
+    def __init__(self, step: int, reason: str):
+        self.step = step
+        super().__init__(
+            f"training diverged at step {step}: {reason}; lower optimizer.lr, raise scheduler.warmup_steps "
+            "or set trainer.gradient_clip_val (the last good checkpoint is kept)"
+        )

@@ -5,6 +5,7 @@ the same whatever the worker count, batch composition or process, and can be rec
 """
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -58,12 +59,30 @@ def mask_tokens(
     return input_ids, labels
 
 
-def collate(examples: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Pad (input_ids, labels) pairs to the longest in the batch."""
+COUNTS_KEY = "counts"  # a batch's BatchCounts
+
+
+class BatchCounts(NamedTuple):
+    """Host-side sizes of a batch, for throughput and MFU."""
+
+    tokens: int  # real (non-pad) tokens
+    padded: int  # tokens including padding
+    squared_lengths: int  # sum of sequence lengths squared (attention FLOPs grow with it)
+
+
+def collate(examples: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Pad (input_ids, labels) pairs to the longest in the batch; count its tokens on the host."""
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), PAD_ID, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, lab) in enumerate(examples):
         input_ids[row, : len(ids)] = torch.from_numpy(ids)
         labels[row, : len(lab)] = torch.from_numpy(lab)
-    return {"input_ids": input_ids, "attention_mask": input_ids.ne(PAD_ID).long(), "labels": labels}
+    lengths = [len(ids) for ids, _ in examples]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": input_ids.ne(PAD_ID).long(),
+        "labels": labels,
+        # Counted here, as Python ints, so the training step never reads them back from a GPU (a host sync).
+        COUNTS_KEY: BatchCounts(sum(lengths), input_ids.numel(), sum(n * n for n in lengths)),
+    }

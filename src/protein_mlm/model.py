@@ -5,6 +5,7 @@ from typing import Any
 import torch
 from transformers import EsmConfig, EsmForMaskedLM
 
+from . import attention
 from .tokenizer import MASK_ID, PAD_ID, VOCAB
 
 
@@ -13,7 +14,8 @@ def esm_config(architecture: dict[str, Any]) -> EsmConfig:
     arch = dict(architecture)
     attn_implementation = arch.pop("attn_implementation", "sdpa")
     config = EsmConfig(vocab_size=len(VOCAB), pad_token_id=PAD_ID, mask_token_id=MASK_ID, **arch)
-    config._attn_implementation = attn_implementation
+    # "sdpa" is PyTorch's SDPA through our sync-free mask builder (attention.py); any other name is transformers'.
+    config._attn_implementation = attention.register() if attn_implementation == "sdpa" else attn_implementation
     return config
 
 

@@ -1,8 +1,6 @@
 """LightningModule for masked-LM pretraining: loss, token-weighted metrics, optimizer and LR schedule."""
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,12 +11,12 @@ from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
 from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_pretrained_into
+from .errors import TrainingDiverged
 from .loader import POSITION_KEY
-from .masking import IGNORE_INDEX
+from .masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
 from .model import build_model
-from .perf import flops_per_step
 from .schedules import lambda_scheduler
-from .tokenizer import PAD_ID
+from .updates import UpdateLog, UpdateRecord
 
 
 def parameter_groups(model: torch.nn.Module, no_decay_bias_and_norm: bool) -> list[dict[str, Any]]:
@@ -36,18 +34,6 @@ def parameter_groups(model: torch.nn.Module, no_decay_bias_and_norm: bool) -> li
     return [{"params": decay, "name": "decay"}, {"params": exempt, "name": "no_decay", "weight_decay": 0.0}]
 
 
-@dataclass
-class UpdateStats:
-    """One optimizer update, as device tensors: what the divergence guard and the logs read."""
-
-    step: int  # the update's index (the LR monitor's step)
-    loss: torch.Tensor  # token-weighted mean over the update's micro-batches and ranks: the optimised objective
-    grad_norm: torch.Tensor  # global gradient norm after the rescale, before clipping
-    tokens: torch.Tensor  # real (non-pad) tokens on this rank
-    padded: torch.Tensor  # padded tokens on this rank
-    squared_lengths: torch.Tensor  # sum of sequence lengths squared on this rank (attention FLOPs)
-
-
 class MaskedLMModule(pl.LightningModule):
     """ESM masked-LM training; everything it is built from is a plain Python object."""
 
@@ -59,11 +45,9 @@ class MaskedLMModule(pl.LightningModule):
         lr_scheduler: dict[str, Any] | None = None,
         no_decay_bias_and_norm: bool = False,
         run_config: dict[str, Any] | None = None,
-        inject_nan_at_step: int | None = None,
         init_from: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
-        peak_tflops: float | None = None,
     ):
         super().__init__()
         # Only plain containers go into the checkpoint, so it loads with torch.load(weights_only=True).
@@ -75,16 +59,24 @@ class MaskedLMModule(pl.LightningModule):
             # dynamic: token-budget batches change shape every step; one dynamic graph beats a recompile each time
             for layer in self.model.esm.encoder.layer:  # one graph shared by all layers: compiles once
                 layer.compile(dynamic=True)
-        self._num_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.num_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.optimizer_factory = optimizer
         self.schedule = schedule
         self.val_loss_sum, self.val_targets, self.val_correct = SumMetric(), SumMetric(), SumMetric()
         self.tokens_seen = 0  # real (non-pad) tokens trained on, kept across resumes
-        self._window = [0.0, 0, 0, 0, 0]  # summed loss, targets, real tokens, padded tokens, sum of lengths^2
+        self.updates = UpdateLog()  # finished updates, read to the host once per logging interval
+        self.updates.subscribe(self._log_updates)
+        self._open_window()
+        self._update_ended = False  # set by the micro-batch that completed an update, until its batch ends
+        self._clip_norm: torch.Tensor | None = None  # this update's gradient norm, for clipping
+
+    def _open_window(self) -> None:
+        """Start a new accumulation window: device totals, host counts, the latest batch's data position."""
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._targets: torch.Tensor | int = 0
+        self._counts = BatchCounts(0, 0, 0)
         self._micro_batches = 0  # micro-batches of the current update so far
-        self._window_position: tuple[int, int] | None = None  # data position of the window's latest batch
-        self.last_update: UpdateStats | None = None  # the last finished update, until it is logged
-        self._last_step_time: float | None = None
+        self._window_position: tuple[int, int] | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, vocab)
@@ -100,21 +92,15 @@ class MaskedLMModule(pl.LightningModule):
         )
         return loss_sum, labels.ne(IGNORE_INDEX).sum(), logits
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Returns the summed token loss; `on_after_backward` turns the update's gradient into a token mean."""
         loss_sum, n_targets, _ = self._masked_lm(batch)
-        if self.trainer.global_step == self.hparams.inject_nan_at_step:  # fault injection for tests
-            loss_sum = loss_sum * float("nan")
-        # Kept as tensors until the update ends, so a GPU syncs once per update, not per micro-batch.
-        window = self._window
-        window[0] += loss_sum.detach()
-        window[1] += n_targets
-        window[2] += batch["input_ids"].ne(PAD_ID).sum()
-        window[3] += batch["input_ids"].numel()
-        window[4] += batch["attention_mask"].sum(1).square().sum()  # attention FLOPs grow with length^2
+        # Device tensors until the update's numbers are read, once per logging interval (never per step).
+        self._loss_sum = self._loss_sum + loss_sum.detach()
+        self._targets = self._targets + n_targets
+        self._counts = BatchCounts(*map(sum, zip(self._counts, batch[COUNTS_KEY], strict=True)))
         self._micro_batches += 1
         self._window_position = batch.get(POSITION_KEY)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, logger=False)
         return loss_sum
 
     def _ends_update(self) -> bool:
@@ -128,7 +114,7 @@ class MaskedLMModule(pl.LightningModule):
         all micro-batches and ranks (fairseq's and so ESM's objective), before anything reads or clips it."""
         if not self._ends_update():
             return
-        loss_sum, targets = self._window[0], self._window[1]
+        loss_sum, targets = self._loss_sum, self._targets
         world = self.trainer.world_size
         if world > 1:  # one collective for both totals; DDP has already averaged the gradients over ranks
             totals = self.trainer.strategy.reduce(torch.stack([loss_sum, targets.to(loss_sum)]), reduce_op="sum")
@@ -138,20 +124,31 @@ class MaskedLMModule(pl.LightningModule):
         scale = self.trainer.accumulate_grad_batches * world / targets.clamp(min=1)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, scale.to(grads[0]))
-        self.last_update = UpdateStats(
-            step=self.trainer.global_step,
-            loss=loss_sum / targets.clamp(min=1),
-            grad_norm=self._gradient_norm(grads),
-            tokens=self._window[2],
-            padded=self._window[3],
-            squared_lengths=self._window[4],
-        )
-        self._micro_batches = 0
-        self._window = [0.0, 0, 0, 0, 0]
-        self.tokens_seen += int(self.last_update.tokens)
+        loss, self._clip_norm = loss_sum / targets.clamp(min=1), self._gradient_norm(grads)
+        self._skip_if_not_finite(loss, self._clip_norm)
+        self.tokens_seen += self._counts.tokens
+        self.updates.add(self.trainer.global_step, loss, self._clip_norm, self._counts, self.tokens_seen)
         loader = self.trainer.train_dataloader
         if self._window_position is not None and hasattr(loader, "commit"):
             loader.commit(self._window_position)  # a checkpoint from now on resumes after this update's batches
+        self._open_window()
+        self._update_ended = True
+
+    def _skip_if_not_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """Keep a non-finite update out of the weights, without a host read where the optimizer allows it.
+
+        A fused optimizer takes a device flag (`found_inf`, as from a loss scaler) and skips the step on the
+        device; the divergence guard then stops the run when it reads the update. Other optimizers need the flag
+        on the host: one sync per update. Under fp16 the loss scaler does this itself.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        not_finite = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        optimizer = self.trainer.optimizers[0]
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = not_finite.float()
+        elif bool(not_finite):
+            raise TrainingDiverged(self.trainer.global_step, f"loss is {float(loss)}, gradient norm {float(norm)}")
 
     def _gradient_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The global gradient norm (the one clipping uses); under fp16 with a loss scaler, unscaled."""
@@ -163,38 +160,32 @@ class MaskedLMModule(pl.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return norm / scaler.get_scale() if scaler is not None else norm
 
-    def on_train_start(self) -> None:
-        self._last_step_time = time.perf_counter()
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log once per optimizer update, at the step index the update used (as the LR monitor does)."""
-        update, self.last_update = self.last_update, None
-        if update is None:
+        """Read the finished updates once per `trainer.log_every_n_steps` updates, and at the last one."""
+        if not self._update_ended:
             return  # still accumulating gradients
-        loss, grad_norm, tokens, padded, squared_lengths = (
-            float(v) for v in (update.loss, update.grad_norm, update.tokens, update.padded, update.squared_lengths)
-        )
-        now = time.perf_counter()
-        metrics = {
-            "train/loss": loss,
-            "train/grad_norm": grad_norm,
-            "train/tokens_seen": float(self.tokens_seen),
-            "perf/padding_efficiency": tokens / max(padded, 1),  # real / padded tokens of this step's batches
-        }
-        if self._last_step_time is not None:  # per process; under DDP multiply by the world size
-            seconds = max(now - self._last_step_time, 1e-9)
-            metrics["perf/tokens_per_sec"] = tokens / seconds
-            arch = self.hparams.architecture
-            flops = flops_per_step(
-                self._num_params, arch["num_hidden_layers"], arch["hidden_size"], tokens, squared_lengths
-            )
-            metrics["perf/tflops"] = flops / seconds / 1e12  # achieved model TFLOP/s (real tokens only)
-            if self.hparams.peak_tflops:
-                metrics["perf/mfu"] = metrics["perf/tflops"] / self.hparams.peak_tflops
-        self._last_step_time = now
-        self.log("loss", loss, prog_bar=True, logger=False)  # the progress bar's per-update loss
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=update.step)
+        self._update_ended = False
+        step = self.trainer.global_step
+        if step % self.trainer.log_every_n_steps == 0 or 0 < self.trainer.max_steps <= step or self.trainer.should_stop:
+            self.updates.flush()
+
+    def on_validation_start(self) -> None:
+        self.updates.flush()  # the training numbers before the validation's
+
+    def on_train_end(self) -> None:
+        self.updates.flush()
+
+    def _log_updates(self, records: list[UpdateRecord]) -> None:
+        """Every update at its own step, as the LR monitor logs its LR."""
+        for record in records:
+            metrics = {
+                "train/loss": record.loss,
+                "train/grad_norm": record.grad_norm,
+                "train/tokens_seen": float(record.tokens_seen),
+                "perf/padding_efficiency": record.tokens / max(record.padded, 1),  # real / padded tokens
+            }
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=record.step)
 
     def on_validation_epoch_start(self) -> None:
         for metric in (self.val_loss_sum, self.val_targets, self.val_correct):
@@ -221,9 +212,6 @@ class MaskedLMModule(pl.LightningModule):
         if not self.trainer.sanity_checking:  # to the loggers ourselves: Lightning would add an `epoch` series
             for logger in self.loggers:
                 logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=max(self.trainer.global_step - 1, 0))
-
-    def on_validation_end(self) -> None:
-        self._last_step_time = time.perf_counter()  # validation time is not training throughput
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
@@ -252,8 +240,8 @@ class MaskedLMModule(pl.LightningModule):
             return
         if by_norm and no_scaler and isinstance(self.trainer.strategy, SingleDeviceStrategy | DDPStrategy):
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if self.last_update is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self.last_update.grad_norm)
+            if self._clip_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._clip_norm)
             else:
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return

@@ -15,7 +15,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .callbacks import Preempted
 from .console import route_records, silence_lightning_noise
+from .debug.callbacks import NanGradients
 from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
+from .metering import ThroughputMeter
 from .model import build_model, count_parameters
 from .module import MaskedLMModule
 from .perf import resolve_peak_tflops
@@ -52,15 +54,9 @@ def build_module(cfg: DictConfig) -> MaskedLMModule:
         lr_scheduler=lightning_keys,
         no_decay_bias_and_norm=no_decay,
         run_config=OmegaConf.to_container(cfg, resolve=True),
-        inject_nan_at_step=cfg.faults.inject_nan_at_step,
         init_from=cfg.model.get("init_from"),
         activation_checkpointing=cfg.model.get("activation_checkpointing", False),
         compile=cfg.model.get("compile", False),
-        peak_tflops=resolve_peak_tflops(
-            cfg.get("perf", {}).get("peak_tflops"),
-            resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
-            uses_gpu(cfg.trainer.accelerator),
-        ),
     )
 
 
@@ -157,11 +153,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup()
     if main_process:
         print_plan(plan_rows(cfg, module.schedule, accumulate, datamodule.train_tokens()))
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks.append(
+        ThroughputMeter(resolve_peak_tflops(cfg.perf.peak_tflops, precision, uses_gpu(cfg.trainer.accelerator)))
+    )
+    if cfg.faults.inject_nan_at_step is not None:
+        callbacks.append(NanGradients(cfg.faults.inject_nan_at_step))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not any(isinstance(logger, TensorBoardLogger) for logger in loggers):  # the run's own record, always
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False))
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,

@@ -85,3 +85,18 @@ class BatchRecorder(pl.Callback):
         path = self.path if trainer.world_size == 1 else self.path.with_suffix(f".rank{trainer.global_rank}.jsonl")
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class NanGradients(pl.Callback):
+    """Make update `at_step` diverge: its loss and gradients become NaN (`faults.inject_nan_at_step`)."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self.at_step:
+            return
+        for parameter in pl_module.parameters():
+            if parameter.grad is not None:
+                parameter.grad.fill_(float("nan"))
+        pl_module._loss_sum = pl_module._loss_sum * float("nan")  # read by the module after this hook
