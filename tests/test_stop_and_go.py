@@ -132,6 +132,22 @@ def test_resume_with_data_workers(tmp_path, small_fasta):
     assert_same_run(tmp_path / "workers", straight, max_steps)
 
 
+def test_packed_run_resumes_exactly(tmp_path, small_fasta):
+    """data.packing=true, two micro-batches per update: kill -9 inside a window, inside a validation, in epoch 2."""
+    max_steps = 12
+    args = [
+        *BASE,
+        *small_fasta,
+        "data.packing=true",
+        f"trainer.max_steps={max_steps}",
+        "trainer.accumulate_grad_batches=2",
+    ]
+    straight = tmp_path / "straight"
+    assert run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
+    run_chain(tmp_path / "packed", args, [(2, 1), ("val", 4), (9, 1)], "KILL")
+    assert_same_run(tmp_path / "packed", straight, max_steps)
+
+
 def test_a_full_disk_mid_run_is_one_line_and_loses_no_checkpoint(tmp_path, small_fasta):
     import torch
 

@@ -9,6 +9,7 @@ work (host-side by design) is not counted.
 import traceback
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
@@ -80,9 +81,11 @@ class SyncCounter(TorchDispatchMode, pl.Callback):
         self._unpatch()
 
 
-def test_training_step_is_sync_free_between_log_intervals(tiny_cfg):
+@pytest.mark.parametrize("packing", [False, True])
+def test_training_step_is_sync_free_between_log_intervals(tiny_cfg, packing):
     """20 updates of 2 micro-batches, logging every 10: at most two host syncs per logging interval."""
     cfg = tiny_cfg(
+        f"data.packing={packing}",
         f"trainer.max_steps={STEPS}",
         f"trainer.log_every_n_steps={LOG_EVERY}",
         "+trainer.limit_val_batches=0",

@@ -1,15 +1,22 @@
-"""PyTorch SDPA for ESM without host syncs, registered with transformers under its own name.
+"""PyTorch attention for ESM without host syncs, for padded and packed batches, registered with transformers.
 
-transformers' stock "sdpa" mask builder asks `padding_mask.all()` on every forward (to drop an all-true mask);
-on a GPU that read stalls the host until the device has caught up. Ours always builds the padding mask from the
-2D mask (the module tree and `state_dict` keys stay those of `EsmForMaskedLM`; only the function names differ).
+transformers' stock "sdpa" mask builder asks `padding_mask.all()` on every forward (to drop an all-true mask); on
+a GPU that read stalls the host until the device has caught up. Ours always builds the padding mask from the 2D
+mask. Packed batches (packing.py) arrive with `cu_seq_lens_q`: varlen flash attention on CUDA, a block-diagonal
+mask elsewhere. The module tree and `state_dict` keys stay those of `EsmForMaskedLM`; only function names differ.
 """
 
+import inspect
+import warnings
+
+import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
 NAME = "protein_mlm_sdpa"  # what `attn_implementation: sdpa` in a model config selects
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def padding_mask(*args, attention_mask=None, **kwargs):
@@ -20,10 +27,54 @@ def padding_mask(*args, attention_mask=None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
+def block_diagonal_attention(query, key, value, segment_ids: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """Reference path: SDPA where a token attends only to its own segment; (B, T, heads, dim) out."""
+    mask = segment_ids.unsqueeze(-1).eq(segment_ids.unsqueeze(-2)).unsqueeze(1)  # (B, 1, T, T)
+    dtype = value.dtype
+    out = F.scaled_dot_product_attention(query.to(dtype), key.to(dtype), value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _varlen_function():
+    """The installed torch's varlen flash attention if it takes `scale` (ESM passes scaling=1.0), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.9
+    except ImportError:
+        return None
+    return varlen_attn if "scale" in inspect.signature(varlen_attn).parameters else None
+
+
+def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scaling: float | None) -> torch.Tensor:
+    """Flash attention over the flattened tokens, one segment per sequence; (B, T, heads, dim) out."""
+    batch, heads, tokens, dim = query.shape
+    dtype = value.dtype  # ESM's rotary path returns fp32 q and k under autocast; flash takes one 16-bit dtype
+
+    def flat(x):
+        return x.to(dtype).transpose(1, 2).reshape(batch * tokens, heads, dim)
+
+    cu = cu_seqlens.to(torch.int32)
+    out = _varlen_function()(flat(query), flat(key), flat(value), cu, cu, max_seqlen, max_seqlen, scale=scaling)
+    return out.view(batch, tokens, heads, dim)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA for padded batches; for packed ones, attention within each sequence only."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if dropout:
+        raise ValueError("packed batches need attention_probs_dropout_prob: 0.0 (as ESM-2)")
+    if query.is_cuda and value.dtype in FLASH_DTYPES and _varlen_function() is not None:
+        return varlen_attention(query, key, value, cu_seqlens, kwargs["max_length_q"], scaling), None
+    if query.is_cuda:
+        warnings.warn("packed batches: no varlen flash attention in this torch; using the reference path", stacklevel=2)
+    return block_diagonal_attention(query, key, value, kwargs["segment_ids"], scaling), None
+
+
 def register() -> str:
     """Register the attention and its mask builder (idempotent); returns the implementation name."""
     if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(NAME, sdpa_attention_forward)
+        AttentionInterface.register(NAME, attention_forward)
         AttentionMaskInterface.register(NAME, padding_mask)
     return NAME
 

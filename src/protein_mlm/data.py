@@ -1,6 +1,7 @@
 """Tokenized splits -> masked-LM samples and DataLoaders (token-budget or fixed batches, DDP shares, streaming)."""
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -14,6 +15,7 @@ from .errors import ConfigError, DataError
 from .fasta import sequence_digest
 from .loader import ResumableLoader
 from .masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
+from .packing import PackedBatches, collate_packed
 from .preprocess import (
     BUNDLED_FASTA,
     SplitStats,
@@ -43,6 +45,16 @@ def check_streaming_options(val_path, max_tokens, cluster_map, tokens_per_update
         )
     if cluster_map is not None:
         raise ConfigError("data.streaming=true cannot sample by cluster (data.cluster_map); set data.cluster_map=null")
+
+
+def check_packing_options(packing: bool, max_tokens, streaming: bool) -> None:
+    """data.packing=true lays whole sequences into rows of data.max_length tokens, max_tokens of them per batch."""
+    if packing and max_tokens is None:
+        raise ConfigError(
+            "data.packing=true needs data.max_tokens (tokens per packed batch); e.g. data.max_tokens=4096"
+        )
+    if packing and streaming:
+        raise ConfigError("data.packing=true needs every length up front; set data.streaming=false")
 
 
 class MaskedSequenceDataset(Dataset):
@@ -87,8 +99,10 @@ class ProteinDataModule(pl.LightningDataModule):
         cluster_map: str | None = None,
         streaming: bool = False,
         shuffle_buffer: int = 10_000,
+        packing: bool = False,
     ):
         super().__init__()
+        check_packing_options(packing, max_tokens, streaming)
         if streaming:
             check_streaming_options(val_path, max_tokens, cluster_map, tokens_per_update)
         if max_length < 3:
@@ -122,6 +136,7 @@ class ProteinDataModule(pl.LightningDataModule):
             )
         self.clusters: ClusterSampler | None = None
         self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
+        self.packing = packing
 
     def setup(self, stage: str | None = None) -> None:
         if self.streaming and self.splits is None:  # only the validation file is preprocessed
@@ -224,10 +239,23 @@ class ProteinDataModule(pl.LightningDataModule):
         if self.streaming:
             resume, self._resume = self._resume, None
             return self._streaming_loader(resume)
+        if self.packing:
+            return self._packed_loader()
         batcher = self._batcher("train", shuffle=True)
         if isinstance(batcher, EpochSampler):
             batcher = FixedSizeBatches(batcher, self.batch_size)
         return ResumableLoader(self._dataset("train"), batcher, collate, self.num_workers, self.pin_memory)
+
+    def _packed_loader(self) -> ResumableLoader:
+        """Fixed-shape batches: max_tokens // max_length rows of max_length tokens, whole sequences packed in."""
+        num_replicas, rank = self.replicas()
+        rows = self.max_tokens // self.max_length
+        epoch_indices = self.clusters.epoch_indices if self.clusters is not None else None
+        batcher = PackedBatches(
+            self.token_lengths("train"), rows, self.max_length, self.seed, epoch_indices, num_replicas, rank
+        )
+        collate_fn = partial(collate_packed, rows=rows, row_tokens=self.max_length)
+        return ResumableLoader(self._dataset("train"), batcher, collate_fn, self.num_workers, self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
         # Masks are fixed (epoch 0) at every evaluation, so val/loss is comparable across steps and runs.

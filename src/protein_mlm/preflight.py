@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import memory
 from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
-from .data import check_streaming_options
+from .data import check_packing_options, check_streaming_options
 from .errors import ConfigError
 from .model import build_model, count_parameters
 
@@ -184,8 +184,13 @@ def check_config(cfg: DictConfig) -> None:
             "trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU); on CPU use trainer=ddp "
             "trainer.accelerator=cpu"
         )
-    if cfg.data.get("streaming"):
-        data = cfg.data
+    data = cfg.data
+    check_packing_options(data.get("packing", False), data.max_tokens, data.get("streaming", False))
+    if data.get("packing") and cfg.model.architecture.get("attention_probs_dropout_prob", 0.0) > 0:
+        raise ConfigError(
+            "data.packing=true needs model.architecture.attention_probs_dropout_prob=0.0 (ESM-2 trains without it)"
+        )
+    if data.get("streaming"):
         check_streaming_options(data.val_path, data.max_tokens, data.get("cluster_map"), data.get("tokens_per_update"))
     fp16 = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator) in ("16-mixed", 16, "16")
     if fp16 and cfg.optimizer.get("fused") and cfg.trainer.get("gradient_clip_val"):

@@ -1,0 +1,157 @@
+"""Packed training batches: whole sequences laid end to end in `rows` rows of `row_tokens`, one fixed shape.
+
+No padding inside a row's sequences, so no FLOPs spent on pads, and one batch shape for the whole run (what
+`torch.compile` and CUDA graphs want). Attention never crosses a sequence boundary: each sequence is a segment
+of `cu_seqlens` (varlen flash attention on CUDA; a block-diagonal mask elsewhere, see attention.py); positions
+restart at every sequence; ESM's token dropout is computed per sequence, not per row. A row's unused tail is one
+segment of padding without targets.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
+from .samplers import rank_share
+from .tokenizer import MASK_ID, PAD_ID
+
+PACKED_KEYS = ("position_ids", "segment_ids", "cu_seqlens")
+MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM's token-dropout constant (the <mask> share of tokens in its training)
+
+
+def best_fit_rows(lengths: Sequence[int], rows: int, row_tokens: int) -> list[list[int]]:
+    """Positions of `lengths` placed in `rows` rows of `row_tokens`: longest first, each into the fullest row it
+    fits (best fit decreasing); a position that fits no row is left out. Deterministic (a stable sort), and placing
+    a subset of what it placed gives the same rows, so collate can rebuild a batch's rows from its lengths alone."""
+    room, placed = [row_tokens] * rows, [[] for _ in range(rows)]
+    for position in sorted(range(len(lengths)), key=lambda p: -lengths[p]):
+        fits = [r for r in range(rows) if room[r] >= lengths[position]]
+        if fits:
+            row = min(fits, key=lambda r: room[r])
+            placed[row].append(position)
+            room[row] -= lengths[position]
+    return placed
+
+
+class PackedBatches:
+    """An epoch's batches of `rows` x `row_tokens` packed tokens, for `loader.ResumableLoader`.
+
+    Per epoch: a fresh permutation from (seed, epoch); a window of the next `window` sequences in that order is
+    packed by `best_fit_rows`, the placed ones form a batch (in window order) and the rest wait for the next. So the
+    order stays random up to the window, and rows come out nearly full.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        rows: int,
+        row_tokens: int,
+        seed: int,
+        epoch_indices: Callable[[int], np.ndarray] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+        window: int | None = None,
+    ):
+        self.lengths, self.rows, self.row_tokens, self.seed = np.asarray(lengths), rows, row_tokens, seed
+        self.epoch_indices, self.num_replicas, self.rank = epoch_indices, num_replicas, rank
+        self.window = window or 16 * rows  # candidates per batch: fuller rows, a little less randomness
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """Every batch of one epoch (all ranks), as sample indices."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        indices = np.arange(len(self.lengths)) if self.epoch_indices is None else np.asarray(self.epoch_indices(epoch))
+        order = indices[np.random.default_rng([self.seed, epoch]).permutation(len(indices))].tolist()
+        batches, waiting, next_item = [], [], 0
+        while waiting or next_item < len(order):
+            take = self.window - len(waiting)
+            waiting += order[next_item : next_item + take]
+            next_item += take
+            chosen = {
+                p for row in best_fit_rows(self.lengths[waiting].tolist(), self.rows, self.row_tokens) for p in row
+            }
+            batches.append(np.array([waiting[p] for p in sorted(chosen)]))
+            waiting = [item for p, item in enumerate(waiting) if p not in chosen]
+        self._cache = (epoch, batches)
+        return batches
+
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches: every W-th, padded to the same count per rank so DDP ranks step together."""
+        batches = self.batches(epoch)
+        positions = rank_share(len(batches), self.num_replicas, self.rank)
+        return [batches[p % len(batches)] for p in positions]
+
+
+def collate_packed(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: int, row_tokens: int) -> dict[str, Any]:
+    """Lay (input_ids, labels) pairs into `rows` x `row_tokens`, with positions, segment ids and `cu_seqlens`."""
+    input_ids = torch.full((rows, row_tokens), PAD_ID, dtype=torch.long)
+    labels = torch.full((rows, row_tokens), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((rows, row_tokens), dtype=torch.long)
+    segment_ids = torch.zeros((rows, row_tokens), dtype=torch.long)
+    lengths = [len(ids) for ids, _ in examples]
+    packed = best_fit_rows(lengths, rows, row_tokens)
+    if sum(map(len, packed)) < len(examples):
+        raise ValueError(f"{len(examples)} sequences do not fit {rows} rows of {row_tokens} tokens")
+    segment_lengths: list[int] = []
+    for row, members in enumerate(packed):
+        start = 0
+        for position in members:
+            ids, lab = examples[position]
+            end = start + len(ids)
+            input_ids[row, start:end] = torch.from_numpy(ids)
+            labels[row, start:end] = torch.from_numpy(lab)
+            position_ids[row, start:end] = torch.arange(len(ids))
+            segment_ids[row, start:end] = len(segment_lengths)
+            segment_lengths.append(len(ids))
+            start = end
+        if start < row_tokens:  # the row's tail: one segment of padding, no targets
+            segment_ids[row, start:] = len(segment_lengths)
+            segment_lengths.append(row_tokens - start)
+    cu_seqlens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor(segment_lengths).cumsum(0)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": max(segment_lengths),  # a host int: flash attention takes it as an argument
+        COUNTS_KEY: BatchCounts(sum(lengths), input_ids.numel(), sum(n * n for n in lengths)),
+    }
+
+
+def packed_embeddings(model, input_ids: torch.Tensor, segment_ids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Word embeddings with ESM's token dropout per sequence (HF computes it per row, and a row is many sequences)."""
+    embeddings = model.esm.embeddings.word_embeddings(input_ids)
+    if not model.config.token_dropout:
+        return embeddings
+    is_mask = input_ids.eq(MASK_ID)
+    embeddings = embeddings.masked_fill(is_mask.unsqueeze(-1), 0.0)
+    flat = segment_ids.flatten()
+    masked = torch.zeros(len(sizes), device=input_ids.device).index_add_(0, flat, is_mask.flatten().float())
+    observed = (masked / sizes)[flat].view_as(input_ids)
+    return (embeddings * ((1 - MASK_RATIO_TRAIN) / (1 - observed)).unsqueeze(-1)).to(embeddings.dtype)
+
+
+def packed_logits(model, batch: dict[str, Any]) -> torch.Tensor:
+    """`EsmForMaskedLM` logits of a packed batch; the module tree and weights are the model's own."""
+    cu_seqlens = batch["cu_seqlens"]
+    sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).float()  # tokens per sequence
+    position_ids = batch["position_ids"]
+    if model.config.position_embedding_type == "absolute":  # ESM-1b's learned positions start after the pad id
+        position_ids = position_ids + model.config.pad_token_id + 1
+    words = packed_embeddings(model, batch["input_ids"], batch["segment_ids"], sizes)
+    # EsmModel skips its embedding module when given inputs_embeds: add positions (and any LayerNorm) here.
+    embeddings = model.esm.embeddings(inputs_embeds=words, position_ids=position_ids)
+    return model(
+        inputs_embeds=embeddings,
+        position_ids=position_ids,
+        cu_seq_lens_q=cu_seqlens,
+        cu_seq_lens_k=cu_seqlens,
+        max_length_q=batch["max_seqlen"],
+        max_length_k=batch["max_seqlen"],
+        segment_ids=batch["segment_ids"],  # the attention's block-diagonal reference path reads it
+    ).logits
