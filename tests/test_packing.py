@@ -53,6 +53,7 @@ def test_packed_logits_and_gradients_equal_padded(position):
     packed, padded = collate_packed(batch, rows=3, row_tokens=80), collate(batch)
     assert packed["labels"][packed["input_ids"].eq(1)].eq(IGNORE_INDEX).all()  # pad segments carry no targets
     assert packed["cu_seqlens"][-1] == 3 * 80  # every token belongs to one segment
+    assert packed["cu_seqlens"].shape == collate_packed(batch[:2], rows=3, row_tokens=80)["cu_seqlens"].shape
 
     packed_out = packed_logits(model, packed)
     padded_out = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
@@ -89,7 +90,8 @@ def test_a_one_token_and_a_1024_token_sequence_share_a_pack():
     long_ids, long_labels = examples([1022])[0]
     batch = [(np.array([0]), np.array([IGNORE_INDEX])), (long_ids, long_labels)]
     packed = collate_packed(batch, rows=1, row_tokens=1030)
-    assert packed["cu_seqlens"].tolist() == [0, 1024, 1025, 1030] and packed["max_seqlen"] == 1024
+    assert packed["cu_seqlens"].tolist()[:4] == [0, 1024, 1025, 1030] and packed["max_seqlen"] == 1030
+    assert set(packed["cu_seqlens"].tolist()[4:]) == {1030}  # empty segments up to a fixed length
     pieces = split_packed(packed_logits(model, packed), [1, 1024], 1030)
     for (ids, _), piece in zip(batch, pieces, strict=True):
         alone = model(input_ids=torch.as_tensor(ids)[None]).logits[0]
@@ -143,3 +145,38 @@ def test_packed_training_run_logs_and_exports(tiny_cfg, tmp_path):
     exported = EsmForMaskedLM.from_pretrained(out)
     module = MaskedLMModule(architecture=OmegaConf.to_container(cfg.model.architecture, resolve=True))
     assert exported.state_dict().keys() == module.model.state_dict().keys()
+
+
+def test_compiled_layers_match_eager_and_compile_once_for_packed_batches():
+    """model.compile with packed batches: fp32 logits and gradients within 1e-5, one graph for 20 batches."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = MaskedLMModule(architecture=ARCHS["rotary"])
+    compiled = MaskedLMModule(architecture=ARCHS["rotary"], compile=True, static_shapes=True)
+    compiled.load_state_dict(eager.state_dict())
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        lengths = rng.integers(5, 60, size=int(rng.integers(3, 8)))
+        batch = collate_packed(examples(lengths, seed=i), rows=4, row_tokens=128)
+        for module in (eager, compiled):
+            module.zero_grad()
+            loss, _, _ = module._masked_lm(batch)
+            loss.backward()
+        torch.testing.assert_close(compiled(batch), eager(batch), atol=1e-5, rtol=1e-5)
+        for (name, theirs), ours in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+            if theirs.grad is not None:
+                torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_without_a_compiler_falls_back_with_a_warning(monkeypatch, caplog):
+    from protein_mlm import model
+
+    monkeypatch.setattr(model.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert model.can_compile(on_gpu=False) is False
+    assert "model.compile=true ignored: no C++ compiler" in caplog.text

@@ -1,5 +1,9 @@
 """Build a Hugging Face `EsmForMaskedLM` from a plain architecture dict (never downloads weights)."""
 
+import importlib.util
+import logging
+import os
+import shutil
 from typing import Any
 
 import torch
@@ -7,6 +11,8 @@ from transformers import EsmConfig, EsmForMaskedLM
 
 from . import attention
 from .tokenizer import MASK_ID, PAD_ID, VOCAB
+
+log = logging.getLogger(__name__)
 
 
 def esm_config(architecture: dict[str, Any]) -> EsmConfig:
@@ -36,3 +42,15 @@ def build_model(
 def count_parameters(model: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once), as a checkpoint stores them."""
     return sum(p.numel() for p in model.parameters())
+
+
+def can_compile(on_gpu: bool) -> bool:
+    """Whether torch.compile can build kernels here (Triton on GPUs, a C++ compiler on CPUs); warns when not."""
+    if on_gpu:
+        missing = None if importlib.util.find_spec("triton") else "Triton is not installed"
+    else:
+        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        missing = None if any(c and shutil.which(c) for c in compilers) else "no C++ compiler (g++/clang++) on PATH"
+    if missing:
+        log.warning("model.compile=true ignored: %s; training runs eagerly", missing)
+    return missing is None

@@ -49,6 +49,7 @@ class MaskedLMModule(pl.LightningModule):
         init_from: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        static_shapes: bool = False,
     ):
         super().__init__()
         # Only plain containers go into the checkpoint, so it loads with torch.load(weights_only=True).
@@ -57,9 +58,10 @@ class MaskedLMModule(pl.LightningModule):
         if init_from:  # continue pretraining from a Hugging Face ESM directory (e.g. an export)
             load_pretrained_into(self.model, init_from)
         if compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
-            # dynamic: token-budget batches change shape every step; one dynamic graph beats a recompile each time
-            for layer in self.model.esm.encoder.layer:  # one graph shared by all layers: compiles once
-                layer.compile(dynamic=True)
+            # Token-budget batches change shape every step: one dynamic graph beats a recompile each time. Packed
+            # batches have one shape: a static graph, compiled once (other shapes, e.g. validation, add one more).
+            for layer in self.model.esm.encoder.layer:  # one graph shared by all layers
+                layer.compile(dynamic=None if static_shapes else True)
         self.num_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.optimizer_factory = optimizer
         self.schedule = schedule

@@ -110,15 +110,19 @@ def collate_packed(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: int,
         if start < row_tokens:  # the row's tail: one segment of padding, no targets
             segment_ids[row, start:] = len(segment_lengths)
             segment_lengths.append(row_tokens - start)
-    cu_seqlens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.tensor(segment_lengths).cumsum(0)
+    # A fixed length too (empty segments at the end), so every packed batch has the same shapes: compiled code and
+    # CUDA graphs run unchanged. Real sequences have >= 3 tokens (<cls>, a residue, <eos>); a row's tail adds one.
+    capacity = max(rows * (row_tokens // 3 + 1), len(segment_lengths))
+    cu_seqlens = torch.full((capacity + 1,), rows * row_tokens, dtype=torch.int32)
+    cu_seqlens[0] = 0
+    cu_seqlens[1 : len(segment_lengths) + 1] = torch.tensor(segment_lengths).cumsum(0)
     return {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
         "segment_ids": segment_ids,
         "cu_seqlens": cu_seqlens,
-        "max_seqlen": max(segment_lengths),  # a host int: flash attention takes it as an argument
+        "max_seqlen": row_tokens,  # an upper bound is enough for flash attention, and a constant never recompiles
         COUNTS_KEY: BatchCounts(sum(lengths), input_ids.numel(), sum(n * n for n in lengths)),
     }
 
@@ -139,7 +143,7 @@ def packed_embeddings(model, input_ids: torch.Tensor, segment_ids: torch.Tensor,
 def packed_logits(model, batch: dict[str, Any]) -> torch.Tensor:
     """`EsmForMaskedLM` logits of a packed batch; the module tree and weights are the model's own."""
     cu_seqlens = batch["cu_seqlens"]
-    sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).float()  # tokens per sequence
+    sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).float()  # tokens per sequence (empty ones unused)
     position_ids = batch["position_ids"]
     if model.config.position_embedding_type == "absolute":  # ESM-1b's learned positions start after the pad id
         position_ids = position_ids + model.config.pad_token_id + 1

@@ -18,7 +18,7 @@ from .console import route_records, silence_lightning_noise
 from .debug.callbacks import NanGradients
 from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
 from .metering import ThroughputMeter
-from .model import build_model, count_parameters
+from .model import build_model, can_compile, count_parameters
 from .module import MaskedLMModule
 from .perf import resolve_peak_tflops
 from .preflight import (
@@ -56,7 +56,8 @@ def build_module(cfg: DictConfig) -> MaskedLMModule:
         run_config=OmegaConf.to_container(cfg, resolve=True),
         init_from=cfg.model.get("init_from"),
         activation_checkpointing=cfg.model.get("activation_checkpointing", False),
-        compile=cfg.model.get("compile", False),
+        compile=cfg.model.get("compile", False) and can_compile(uses_gpu(cfg.trainer.accelerator)),
+        static_shapes=cfg.data.get("packing", False),
     )
 
 
