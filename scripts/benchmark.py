@@ -11,6 +11,9 @@ clock starts for every row. Rows:
   hf_tuned  the same with train_sampling_strategy="group_by_length" and bf16
   ours      this project's defaults: token-budget batches (data.max_tokens), trainer.precision=auto
   ours_fp32 / ours_bf16 / ours_compile / ours_16k   ours with 32-true / bf16-mixed / model.compile / max_tokens 16384
+  ours_packed / ours_packed_compile   ours with data.packing=true (fixed-shape packed rows), and model.compile
+  bare      a plain PyTorch loop over ours' batches: the same model, fused AdamW, clipping and LambdaLR; no
+            Lightning, no callbacks, no logging (the framework-overhead reference)
 The table (markdown) goes to stdout and to --out (default benchmarks/results-<device>.md).
 """
 
@@ -35,6 +38,8 @@ OURS = {  # row -> overrides on top of the training config's defaults
     "ours_bf16": ["trainer.precision=bf16-mixed"],
     "ours_compile": ["model.compile=true"],
     "ours_16k": ["data.max_tokens=16384"],
+    "ours_packed": ["data.packing=true"],
+    "ours_packed_compile": ["data.packing=true", "model.compile=true"],
 }
 HF = {  # row -> TrainingArguments that differ
     "hf": dict(bf16=False, train_sampling_strategy="random"),
@@ -61,6 +66,10 @@ class Clock:
     def record_batch(self, attention_mask) -> None:
         lengths = attention_mask.sum(1)
         self.batches.append((int(lengths.sum()), attention_mask.numel(), int(lengths.square().sum())))
+
+    def record_counts(self, counts) -> None:
+        """Our batches carry their host-side counts (masking.BatchCounts)."""
+        self.batches.append(tuple(counts))
 
     def step_done(self) -> bool:
         """Call after each optimizer step; True once the timed window is over."""
@@ -144,16 +153,19 @@ def run_ours(name: str, model_name: str, max_length: int, clock: Clock, extra: l
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from protein_mlm.train import accumulation_steps, build_module, resolve_precision
+    from protein_mlm.masking import COUNTS_KEY
+    from protein_mlm.preflight import check_config
+    from protein_mlm.train import build_module
 
     paths = [f"paths.cache_dir={WORK / 'data'}", f"paths.output_dir={WORK / 'benchmark-ours'}"]
     cfg = compose(model_name, max_length, [*OURS[name], *paths, *extra])
+    plan = check_config(cfg)
     datamodule = instantiate(cfg.data)
-    module = build_module(cfg)
+    module = build_module(cfg, plan)
 
     class StopAfter(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            clock.record_batch(batch["attention_mask"])
+            clock.record_counts(batch[COUNTS_KEY])
 
         def on_train_batch_end(self, trainer, *args):
             trainer.should_stop = clock.step_done()
@@ -161,9 +173,9 @@ def run_ours(name: str, model_name: str, max_length: int, clock: Clock, extra: l
     trainer = pl.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
-        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        precision=plan.precision,
         max_steps=10**7,
-        accumulate_grad_batches=accumulation_steps(cfg),
+        accumulate_grad_batches=plan.accumulate,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -177,9 +189,58 @@ def run_ours(name: str, model_name: str, max_length: int, clock: Clock, extra: l
     return clock.result()
 
 
+def run_bare(model_name: str, max_length: int, clock: Clock, extra: list[str]) -> dict:
+    """A bare PyTorch loop on ours' batches and model: the reference for the framework's overhead."""
+    import torch
+
+    from protein_mlm.masking import COUNTS_KEY, IGNORE_INDEX
+    from protein_mlm.model import build_model
+    from protein_mlm.preflight import check_config
+    from protein_mlm.schedules import lambda_scheduler
+
+    paths = [f"paths.cache_dir={WORK / 'data'}", f"paths.output_dir={WORK / 'benchmark-bare'}"]
+    cfg = compose(model_name, max_length, [*paths, *extra])
+    plan = check_config(cfg)
+    datamodule = instantiate_data(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(dict(cfg.model.architecture)).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optimizer.lr, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
+    scheduler = lambda_scheduler(optimizer, plan.schedule)
+    bf16 = "bf16" in str(plan.precision)
+    for batch in datamodule.train_dataloader():
+        clock.record_counts(batch[COUNTS_KEY])
+        ids, mask, labels = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = (
+            torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            / labels.ne(IGNORE_INDEX).sum()
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if clock.step_done():
+            break
+    return clock.result()
+
+
+def instantiate_data(cfg):
+    """The training config's DataModule, set up as Lightning would (one process)."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    return datamodule
+
+
 def precision_of(row: str) -> str:
     """The precision a row trains in: fixed for hf / hf_tuned / ours_fp32 / ours_bf16, else the project's `auto`."""
-    from protein_mlm.train import resolve_precision
+    from protein_mlm.plan import resolve_precision
 
     fixed = {"hf": "32-true", "ours_fp32": "32-true", "hf_tuned": "bf16-mixed", "ours_bf16": "bf16-mixed"}
     return fixed.get(row) or resolve_precision("auto", "auto")
@@ -193,6 +254,8 @@ def run_row(args) -> None:
     clock = Clock(args.warmup_steps, args.seconds)
     if args.row in HF:
         result = run_hf(args.row, args.model, args.max_length, args.batch_size, clock)
+    elif args.row == "bare":
+        result = run_bare(args.model, args.max_length, clock, args.set)
     else:
         result = run_ours(args.row, args.model, args.max_length, clock, args.set)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 
 from protein_mlm.data import ProteinDataModule
-from protein_mlm.train import build_schedule, split_optimizer_config
+from protein_mlm.plan import build_schedule, split_optimizer_config
 from tests.conftest import CONFIG_DIR, compose_config
 
 GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths", "debug", "experiment"]
@@ -69,3 +69,22 @@ def test_a_run_that_cannot_fit_the_machine_is_refused_before_it_starts(monkeypat
     check_memory(
         compose_config("trainer=cpu", "model=esm2_35m", "data.max_tokens=16384", "model.activation_checkpointing=true")
     )
+
+
+def test_a_config_is_checked_and_resolved_once_per_process(monkeypatch):
+    """The CLI checks before Hydra runs the job and `train` checks again: the second returns the first plan."""
+    from omegaconf import open_dict
+
+    from protein_mlm import preflight
+
+    calls = []
+    real_check = preflight._check
+    monkeypatch.setattr(preflight, "_check", lambda cfg: calls.append(cfg) or real_check(cfg))
+    monkeypatch.setattr(preflight, "_last_checked", None)
+    cfg = compose_config("model=tiny", "trainer.max_steps=7")
+    first = preflight.check_config(cfg)
+    with open_dict(cfg):
+        cfg.hydra = {"run": {"dir": "elsewhere"}}  # Hydra's own node differs between the two
+    assert preflight.check_config(cfg) is first and len(calls) == 1
+    assert first.accumulate == 1 and first.schedule(0) == real_check(cfg).schedule(0)
+    assert preflight.check_config(cfg) is not first and len(calls) == 2  # once only: a third check checks again

@@ -10,8 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from protein_mlm.errors import ConfigError
 from protein_mlm.model import build_model
 from protein_mlm.perf import flops_per_step, lookup_peak_tflops, resolve_peak_tflops
+from protein_mlm.preflight import check_config
 from protein_mlm.tblog import read_scalars
-from protein_mlm.train import build_module, check_config, train
+from protein_mlm.train import build_module, train
 
 ARCH = dict(
     num_hidden_layers=2,
@@ -128,7 +129,7 @@ def test_fused_adamw_gradients_are_clipped(tiny_cfg, precision):
         enable_progress_bar=False,
         callbacks=[recorder],
     )
-    trainer.fit(build_module(cfg), datamodule=datamodule)
+    trainer.fit(build_module(cfg, check_config(cfg)), datamodule=datamodule)
     assert len(recorder.norms) == 3 and max(recorder.norms) <= 0.001 * (1 + 1e-4)
 
 

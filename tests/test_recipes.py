@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import open_dict
 
-from protein_mlm.train import accumulation_steps, build_schedule
+from protein_mlm.plan import accumulation_steps, build_schedule
 from tests.conftest import compose_config
 
 

@@ -16,12 +16,13 @@ from protein_mlm.data import MaskedSequenceDataset
 from protein_mlm.errors import ConfigError
 from protein_mlm.fasta import read_fasta
 from protein_mlm.masking import IGNORE_INDEX
+from protein_mlm.preflight import check_config
 from protein_mlm.preprocess import BUNDLED_FASTA, build_splits, decode_ids, is_val_sequence
 from protein_mlm.samplers import EpochSampler, TokenBudgetBatchSampler
 from protein_mlm.streaming import StreamingFastaDataset
 from protein_mlm.tblog import read_scalars
 from protein_mlm.tokenizer import encode_residues
-from protein_mlm.train import check_config, train
+from protein_mlm.train import train
 
 from .conftest import TINY, compose_config, run_cli
 
@@ -292,7 +293,7 @@ def test_fsdp_config_composes_for_the_big_presets(experiment, tmp_path):
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.esm.modeling_esm import EsmLayer
 
-    from protein_mlm.train import accumulation_steps
+    from protein_mlm.plan import accumulation_steps
 
     cfg = compose_config(f"experiment={experiment}", "trainer=fsdp", "trainer.strategy.activation_checkpointing=true")
     strategy = instantiate(cfg.trainer.strategy)
@@ -308,7 +309,7 @@ def test_fsdp_config_composes_for_the_big_presets(experiment, tmp_path):
 
 def test_slurm_experiment_sizes_the_job_from_the_trainer():
     from protein_mlm.cli import check_multirun_processes, compose_checked
-    from protein_mlm.train import accumulation_steps
+    from protein_mlm.plan import accumulation_steps
 
     cfg = compose_checked(
         "train", ["experiment=slurm_multinode", "trainer.num_nodes=4", "hydra.launcher.partition=gpu"]

@@ -277,7 +277,8 @@ def run(config_name: str, task, check) -> None:
 
 def train_main() -> None:
     """Entry point of `python train.py` and the `protein-mlm-train` console script."""
-    from .train import check_config, train
+    from .preflight import check_config
+    from .train import train
 
     run("train", train, check_config)
 

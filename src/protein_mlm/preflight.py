@@ -1,13 +1,10 @@
-"""Resolve and check a run's config before anything is built or written: precision, devices, accumulation, the
-schedule function, and the rules a valid run must follow (each with the fix in its one-line error)."""
+"""Check a run's config before anything is built or written: the rules a valid run must follow, each with the fix
+in its one-line error, and the resolved `RunPlan` (plan.py) that the run then reads."""
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import memory
@@ -15,46 +12,9 @@ from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
 from .data import check_packing_options, check_streaming_options
 from .errors import ConfigError
 from .model import build_model, count_parameters
+from .plan import RunPlan, num_devices, resolve, uses_gpu
 
 log = logging.getLogger(__name__)
-
-LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "name")  # passed to Lightning, not to the schedule
-
-
-def split_scheduler_config(scheduler_cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the schedule function's `_partial_` config, Lightning's lr_scheduler keys)."""
-    schedule = OmegaConf.to_container(scheduler_cfg, resolve=True)
-    lightning = {k: schedule.pop(k) for k in LIGHTNING_SCHEDULER_KEYS if k in schedule}
-    return schedule, lightning
-
-
-def split_optimizer_config(optimizer_cfg: DictConfig) -> tuple[dict[str, Any], bool]:
-    """(the torch optimizer's `_partial_` config, whether biases/LayerNorm skip weight decay)."""
-    optimizer = OmegaConf.to_container(optimizer_cfg, resolve=True)
-    return optimizer, bool(optimizer.pop("no_decay_bias_and_norm", False))
-
-
-def cpu_supports_bf16() -> bool:
-    """True on x86 CPUs with native bf16 (AVX512-BF16 or AMX), where bf16 autocast is faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def uses_gpu(accelerator: str) -> bool:
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
-def resolve_precision(precision: str | int, accelerator: str) -> str | int:
-    """`auto`: bf16-mixed where the hardware runs it natively (recent GPUs, AVX512-BF16/AMX CPUs), else fp32."""
-    if precision != "auto":
-        return precision
-    if uses_gpu(accelerator):
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
-
 
 # The value rules of a run, in one table: key, type (None: may be null), the requirement, an example.
 VALUE_RULES: tuple[tuple[str, tuple, Any, str, str], ...] = (
@@ -149,8 +109,26 @@ def check_memory(cfg: DictConfig) -> None:
         )
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Reject values that would fail late or train silently wrong, with the fix in the message."""
+_last_checked: tuple[str, RunPlan] | None = None  # the CLI checks before Hydra starts the job, `train` again
+
+
+def check_config(cfg: DictConfig) -> RunPlan:
+    """Reject values that would fail late or train silently wrong, with the fix in the message; return the plan.
+
+    The second check of the config just checked (Hydra's own `hydra` node aside) takes over the first one's plan
+    instead of checking again: a checkpoint's metadata is read once and warnings are not repeated. Only once, so a
+    long-lived process (tests, sweeps) never reuses a plan made before its files or memory changed."""
+    global _last_checked
+    key = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    if _last_checked is not None and _last_checked[0] == key:
+        plan, _last_checked = _last_checked[1], None
+        return plan
+    plan = _check(cfg)
+    _last_checked = (key, plan)
+    return plan
+
+
+def _check(cfg: DictConfig) -> RunPlan:
     check_values(cfg)
     if cfg.get("ckpt_path"):
         check_checkpoint_matches(cfg)
@@ -163,8 +141,8 @@ def check_config(cfg: DictConfig) -> None:
             f"data.train_path and data.val_path are the same file ({train}); pass a separate validation FASTA, or drop "
             "data.val_path to hold out data.val_fraction of the training file"
         )
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    if str(precision).startswith("16") and not uses_gpu(cfg.trainer.accelerator):
+    plan = resolve(cfg)
+    if str(plan.precision).startswith("16") and not plan.on_gpu:
         raise ConfigError(
             f"trainer.precision={cfg.trainer.precision} needs a GPU (on CPU Lightning would train in bf16 instead); "
             "use trainer.precision=bf16-mixed or 32-true"
@@ -192,13 +170,12 @@ def check_config(cfg: DictConfig) -> None:
         )
     if data.get("streaming"):
         check_streaming_options(data.val_path, data.max_tokens, data.get("cluster_map"), data.get("tokens_per_update"))
-    fp16 = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator) in ("16-mixed", 16, "16")
+    fp16 = plan.precision in ("16-mixed", 16, "16")
     if fp16 and cfg.optimizer.get("fused") and cfg.trainer.get("gradient_clip_val"):
         raise ConfigError(
             "a fused optimizer unscales fp16 gradients inside its step, so they cannot be clipped before it; "
             "set optimizer.fused=false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
         )
-    build_schedule(cfg)
     if not cfg.get("plan_only"):  # last: a specific error first; a plan (e.g. on a login node) trains nothing
         check_memory(cfg)
     if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:
@@ -207,6 +184,7 @@ def check_config(cfg: DictConfig) -> None:
             cfg.scheduler.warmup_steps,
             cfg.trainer.max_steps,
         )
+    return plan
 
 
 def check_checkpoint_matches(cfg: DictConfig) -> None:
@@ -241,46 +219,3 @@ def check_checkpoint_matches(cfg: DictConfig) -> None:
             f"checkpoint {cfg.ckpt_path} holds another model ({'; '.join(differing)}); "
             "pick the model= preset it was trained with"
         )
-
-
-def num_devices(trainer_cfg: DictConfig) -> int:
-    """Processes per node: `devices` as a count, a list of device ids, or -1 / "auto" (every GPU, else 1)."""
-    devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, int) and devices > 0:
-        return devices
-    if isinstance(devices, str) and devices.isdigit():
-        return int(devices)
-    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
-        return len(devices)
-    return max(torch.cuda.device_count(), 1) if trainer_cfg.get("accelerator") != "cpu" else 1
-
-
-def accumulation_steps(cfg: DictConfig) -> int:
-    """Micro-batches per update: from data.tokens_per_update when set, else trainer.accumulate_grad_batches."""
-    target = cfg.data.get("tokens_per_update")
-    if not target:
-        return cfg.trainer.accumulate_grad_batches
-    if not cfg.data.get("max_tokens"):
-        raise ConfigError("data.tokens_per_update needs a token budget per batch; set data.max_tokens too")
-    per_micro_batch = cfg.data.max_tokens * num_devices(cfg.trainer) * cfg.trainer.get("num_nodes", 1)
-    return max(1, math.ceil(target / per_micro_batch))
-
-
-def validation_interval(cfg: DictConfig, accumulate: int) -> int | float:
-    """`trainer.val_check_interval` (in updates) as the micro-batch count Lightning wants."""
-    interval = cfg.trainer.val_check_interval
-    return interval * accumulate if isinstance(interval, int) else interval
-
-
-def build_schedule(cfg: DictConfig):
-    """The configured `step -> multiplier` function, checked at the first and the last step."""
-    schedule_cfg, _ = split_scheduler_config(cfg.scheduler)
-    schedule = instantiate(schedule_cfg)
-    try:
-        for step in (0, cfg.trainer.max_steps - 1):
-            value = schedule(step)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"the schedule gives LR multiplier {value} at step {step}; check scheduler.*")
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
-    return schedule

@@ -6,8 +6,9 @@ from pathlib import Path
 from .cli import compose_checked
 from .lr_plan import plot_lr_curves
 from .overrides import override_key
+from .plan import build_schedule
 from .sweep import expand_sweep
-from .train import build_schedule, schedule_label
+from .train import schedule_label
 
 
 def preview(*override_groups: list[str], out: str | Path) -> tuple[list[tuple], object]:

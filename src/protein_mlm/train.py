@@ -18,22 +18,11 @@ from .console import route_records, silence_lightning_noise
 from .debug.callbacks import NanGradients
 from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
 from .metering import ThroughputMeter
-from .model import build_model, can_compile, count_parameters
 from .module import MaskedLMModule
-from .perf import resolve_peak_tflops
-from .preflight import (
-    accumulation_steps,
-    build_schedule,
-    check_config,
-    num_devices,
-    resolve_precision,
-    split_optimizer_config,
-    split_scheduler_config,
-    uses_gpu,
-    validation_interval,
-)
+from .plan import RunPlan, plan_rows, split_optimizer_config, split_scheduler_config
+from .preflight import check_config
 from .reporting import print_config_tree, print_plan, print_summary
-from .sweep import validation_steps, write_status
+from .sweep import write_status
 from .tblog import read_scalars
 
 log = logging.getLogger(__name__)
@@ -44,19 +33,19 @@ def is_rank_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
-def build_module(cfg: DictConfig) -> MaskedLMModule:
+def build_module(cfg: DictConfig, plan: RunPlan) -> MaskedLMModule:
     optimizer_cfg, no_decay = split_optimizer_config(cfg.optimizer)
     _, lightning_keys = split_scheduler_config(cfg.scheduler)
     return MaskedLMModule(
         architecture=OmegaConf.to_container(cfg.model.architecture, resolve=True),
         optimizer=instantiate(optimizer_cfg),
-        schedule=build_schedule(cfg),
+        schedule=plan.schedule,
         lr_scheduler=lightning_keys,
         no_decay_bias_and_norm=no_decay,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         init_from=cfg.model.get("init_from"),
         activation_checkpointing=cfg.model.get("activation_checkpointing", False),
-        compile=cfg.model.get("compile", False) and can_compile(uses_gpu(cfg.trainer.accelerator)),
+        compile=plan.compile,
         static_shapes=cfg.data.get("packing", False),
     )
 
@@ -95,39 +84,11 @@ def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
     return problem
 
 
-def short_list(values: list[int], shown: int = 6) -> str:
-    """'1, 2, 3' or '1, 2, 3, ... (N in all)'."""
-    head = ", ".join(f"{v:,}" for v in values[:shown])
-    return head if len(values) <= shown else f"{head}, ... ({len(values)} in all)"
-
-
-def plan_rows(cfg: DictConfig, schedule, accumulate: int, train_tokens: int | None) -> list[tuple[str, str]]:
-    """What will run, resolved: batch size in tokens, accumulation, schedule milestones, epochs implied."""
-    devices = num_devices(cfg.trainer)
-    per_update = (cfg.data.max_tokens or cfg.data.batch_size * cfg.data.max_length) * devices * accumulate
-    per_update *= cfg.trainer.get("num_nodes", 1)
-    steps = cfg.trainer.max_steps
-    parameters = count_parameters(build_model(OmegaConf.to_container(cfg.model.architecture), device="meta"))
-    return [
-        ("model parameters", f"{parameters / 1e6:,.2f} M ({cfg.model.name})"),
-        (
-            "validations (after step)",
-            short_list(validation_steps(cfg.trainer.max_steps, cfg.trainer.val_check_interval)),
-        ),
-        ("padded tokens per update (at most)", f"{per_update:,}"),
-        ("target tokens per update", f"{cfg.data.tokens_per_update:,}" if cfg.data.get("tokens_per_update") else "-"),
-        ("accumulate_grad_batches", str(accumulate)),
-        ("warmup steps / total steps", f"{cfg.scheduler.get('warmup_steps', 0):,} / {steps:,}"),
-        ("peak LR / LR at the last step", f"{cfg.optimizer.lr:.3g} / {cfg.optimizer.lr * schedule(steps - 1):.3g}"),
-        ("epochs max_steps implies (about)", f"{steps * per_update / train_tokens:.2f}" if train_tokens else "-"),
-    ]
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as the config says; return the final validation metrics."""
     silence_lightning_noise()
     route_records()
-    check_config(cfg)
+    plan = check_config(cfg)  # checked and resolved once; everything below reads `plan`
     started = time.monotonic()
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
@@ -145,20 +106,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.setup()
         if main_process:
             tokens = datamodule.train_tokens()
-            print_plan(plan_rows(cfg, build_schedule(cfg), accumulation_steps(cfg), tokens))
+            print_plan(plan_rows(cfg, plan, tokens))
         return {}
     if main_process:
         write_status(run_dir, "running")  # replaced by how it ends; a killed run keeps "running"
-    module = build_module(cfg)
-    accumulate = accumulation_steps(cfg)
+    module = build_module(cfg, plan)
     datamodule.setup()
     if main_process:
-        print_plan(plan_rows(cfg, module.schedule, accumulate, datamodule.train_tokens()))
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+        print_plan(plan_rows(cfg, plan, datamodule.train_tokens()))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks.append(
-        ThroughputMeter(resolve_peak_tflops(cfg.perf.peak_tflops, precision, uses_gpu(cfg.trainer.accelerator)))
-    )
+    callbacks.append(ThroughputMeter(plan.peak_tflops))  # the run's tokens/s and MFU, always
     if cfg.faults.inject_nan_at_step is not None:
         callbacks.append(NanGradients(cfg.faults.inject_nan_at_step))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -168,14 +125,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers,
-        precision=precision,
-        accumulate_grad_batches=accumulate,
+        precision=plan.precision,
+        accumulate_grad_batches=plan.accumulate,
         # Lightning counts micro-batches; the config counts updates, so validation never lands inside a window.
-        val_check_interval=validation_interval(cfg, accumulate),
+        val_check_interval=plan.val_check_batches,
     )
     if main_process:
         plot_lr_curves(
-            [(schedule_label(cfg), module.schedule, cfg.optimizer.lr, cfg.trainer.max_steps)],
+            [(schedule_label(cfg), plan.schedule, cfg.optimizer.lr, cfg.trainer.max_steps)],
             run_dir / "lr_schedule.png",
             title="planned learning rate",
         )
@@ -197,7 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["wall_time_s"] = time.monotonic() - started
     if not trainer.is_global_zero:
         return metrics
-    metrics["lr_audit"] = audit_run(cfg, module.schedule, run_dir, trainer.global_step)
+    metrics["lr_audit"] = audit_run(cfg, plan.schedule, run_dir, trainer.global_step)
     write_status(run_dir, "completed", **metrics)
     print_summary(metrics, run_dir)
     return metrics

@@ -1,0 +1,159 @@
+"""A config resolved once, before anything is built: precision, devices, accumulation, the validation interval,
+the schedule function and the plan table. Everything after the checks reads the `RunPlan` instead of `cfg`."""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+from .model import build_model, can_compile, count_parameters
+from .perf import resolve_peak_tflops
+from .sweep import validation_steps
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a config resolves to; made by `resolve`, read by `train`."""
+
+    precision: str | int  # Lightning's precision, `auto` resolved for this machine
+    on_gpu: bool  # the accelerator is a GPU
+    devices: int  # processes per node
+    accumulate: int  # micro-batches per optimizer update
+    val_check_batches: int | float  # trainer.val_check_interval in micro-batches, as Lightning counts
+    schedule: Callable[[int], float]  # step -> LR multiplier
+    peak_tflops: float | None  # the accelerator's peak at this precision, for MFU (None on CPUs unless configured)
+    compile: bool  # model.compile, where this machine can compile
+
+
+def resolve(cfg: DictConfig) -> RunPlan:
+    """Derive everything the run needs from the config, once (raises ConfigError for what cannot resolve)."""
+    accumulate = accumulation_steps(cfg)
+    precision, on_gpu = (
+        resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        uses_gpu(cfg.trainer.accelerator),
+    )
+    return RunPlan(
+        precision=precision,
+        on_gpu=on_gpu,
+        devices=num_devices(cfg.trainer),
+        accumulate=accumulate,
+        val_check_batches=validation_interval(cfg, accumulate),
+        schedule=build_schedule(cfg),
+        peak_tflops=resolve_peak_tflops(cfg.get("perf", {}).get("peak_tflops"), precision, on_gpu),
+        compile=bool(cfg.model.get("compile", False)) and can_compile(on_gpu),
+    )
+
+
+LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "name")  # passed to Lightning, not to the schedule
+
+
+def split_scheduler_config(scheduler_cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the schedule function's `_partial_` config, Lightning's lr_scheduler keys)."""
+    schedule = OmegaConf.to_container(scheduler_cfg, resolve=True)
+    lightning = {k: schedule.pop(k) for k in LIGHTNING_SCHEDULER_KEYS if k in schedule}
+    return schedule, lightning
+
+
+def split_optimizer_config(optimizer_cfg: DictConfig) -> tuple[dict[str, Any], bool]:
+    """(the torch optimizer's `_partial_` config, whether biases/LayerNorm skip weight decay)."""
+    optimizer = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    return optimizer, bool(optimizer.pop("no_decay_bias_and_norm", False))
+
+
+def cpu_supports_bf16() -> bool:
+    """True on x86 CPUs with native bf16 (AVX512-BF16 or AMX), where bf16 autocast is faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def uses_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """`auto`: bf16-mixed where the hardware runs it natively (recent GPUs, AVX512-BF16/AMX CPUs), else fp32."""
+    if precision != "auto":
+        return precision
+    if uses_gpu(accelerator):
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+
+
+def num_devices(trainer_cfg: DictConfig) -> int:
+    """Processes per node: `devices` as a count, a list of device ids, or -1 / "auto" (every GPU, else 1)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        return len(devices)
+    return max(torch.cuda.device_count(), 1) if trainer_cfg.get("accelerator") != "cpu" else 1
+
+
+def accumulation_steps(cfg: DictConfig) -> int:
+    """Micro-batches per update: from data.tokens_per_update when set, else trainer.accumulate_grad_batches."""
+    target = cfg.data.get("tokens_per_update")
+    if not target:
+        return cfg.trainer.accumulate_grad_batches
+    if not cfg.data.get("max_tokens"):
+        raise ConfigError("data.tokens_per_update needs a token budget per batch; set data.max_tokens too")
+    per_micro_batch = cfg.data.max_tokens * num_devices(cfg.trainer) * cfg.trainer.get("num_nodes", 1)
+    return max(1, math.ceil(target / per_micro_batch))
+
+
+def validation_interval(cfg: DictConfig, accumulate: int) -> int | float:
+    """`trainer.val_check_interval` (in updates) as the micro-batch count Lightning wants."""
+    interval = cfg.trainer.val_check_interval
+    return interval * accumulate if isinstance(interval, int) else interval
+
+
+def build_schedule(cfg: DictConfig):
+    """The configured `step -> multiplier` function, checked at the first and the last step."""
+    schedule_cfg, _ = split_scheduler_config(cfg.scheduler)
+    schedule = instantiate(schedule_cfg)
+    try:
+        for step in (0, cfg.trainer.max_steps - 1):
+            value = schedule(step)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"the schedule gives LR multiplier {value} at step {step}; check scheduler.*")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    return schedule
+
+
+def short_list(values: list[int], shown: int = 6) -> str:
+    """'1, 2, 3' or '1, 2, 3, ... (N in all)'."""
+    head = ", ".join(f"{v:,}" for v in values[:shown])
+    return head if len(values) <= shown else f"{head}, ... ({len(values)} in all)"
+
+
+def plan_rows(cfg: DictConfig, plan: RunPlan, train_tokens: int | None) -> list[tuple[str, str]]:
+    """What will run, resolved: batch size in tokens, accumulation, schedule milestones, epochs implied."""
+    per_update = (cfg.data.max_tokens or cfg.data.batch_size * cfg.data.max_length) * plan.devices * plan.accumulate
+    per_update *= cfg.trainer.get("num_nodes", 1)
+    steps = cfg.trainer.max_steps
+    last_lr = cfg.optimizer.lr * plan.schedule(steps - 1)
+    parameters = count_parameters(build_model(OmegaConf.to_container(cfg.model.architecture), device="meta"))
+    return [
+        ("model parameters", f"{parameters / 1e6:,.2f} M ({cfg.model.name})"),
+        (
+            "validations (after step)",
+            short_list(validation_steps(cfg.trainer.max_steps, cfg.trainer.val_check_interval)),
+        ),
+        ("padded tokens per update (at most)", f"{per_update:,}"),
+        ("target tokens per update", f"{cfg.data.tokens_per_update:,}" if cfg.data.get("tokens_per_update") else "-"),
+        ("accumulate_grad_batches", str(plan.accumulate)),
+        ("warmup steps / total steps", f"{cfg.scheduler.get('warmup_steps', 0):,} / {steps:,}"),
+        ("peak LR / LR at the last step", f"{cfg.optimizer.lr:.3g} / {last_lr:.3g}"),
+        ("epochs max_steps implies (about)", f"{steps * per_update / train_tokens:.2f}" if train_tokens else "-"),
+    ]
