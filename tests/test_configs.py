@@ -1,8 +1,11 @@
 """Every option of every config group composes, and what it describes instantiates."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from protein_mlm.data import ProteinDataModule
 from protein_mlm.plan import build_schedule, split_optimizer_config
@@ -16,10 +19,54 @@ def test_every_group_has_options():
     assert {g for g, _ in OPTIONS} == set(GROUPS)
 
 
+def leaves(node, prefix: str = ""):
+    """(dotted path, value) of every leaf of a plain dict."""
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from leaves(value, f"{path}.")
+        else:
+            yield path, value
+
+
+def declared(path: Path, package: str) -> tuple[dict, list[tuple[str, str]]]:
+    """An option file's own values placed at its package, with those of the files it includes (`- /group/option`),
+    and its `override /group: option` entries."""
+    text = path.read_text()
+    content = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    package = "" if text.startswith("# @package _global_") else package
+    values, overrides = {}, []
+    for entry in content.pop("defaults", []):
+        if isinstance(entry, str) and entry.startswith("/"):
+            name, _, at = entry[1:].partition("@")
+            included, more = declared(CONFIG_DIR / f"{name}.yaml", package if at == "_here_" else name.split("/")[0])
+            values.update(included)
+            overrides += more
+        elif isinstance(entry, dict):
+            overrides += [(k.removeprefix("override /"), v) for k, v in entry.items() if k.startswith("override /")]
+    values.update({f"{package}.{k}" if package else k: v for k, v in leaves(content)})
+    return values, overrides
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes(group, option):
+def test_option_composes_with_its_own_values(group, option):
+    """Every value an option file sets (or includes) arrives in the composed config, and its group overrides hold."""
     cfg = compose_config(f"{group}={option}")
-    assert cfg.model.architecture.num_hidden_layers > 0
+    composed = OmegaConf.to_container(cfg, resolve=False)
+    values, overrides = declared(CONFIG_DIR / group / f"{option}.yaml", group)
+    for path, value in values.items():
+        if path.startswith("hydra."):
+            continue  # Hydra's own node (launcher settings) is not part of the job's config
+        node = composed
+        for key in path.split("."):
+            node = node[key]
+        assert node == value, f"{path}: {node!r} != {value!r}"
+    for overridden, choice in overrides:
+        if overridden == "model":
+            assert cfg.model.name == choice
+        if overridden == "scheduler":
+            assert cfg.scheduler.name == f"lr-{choice}"
+    assert values or overrides, "an option that sets nothing"
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "optimizer"])
