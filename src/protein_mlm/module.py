@@ -81,15 +81,18 @@ class MaskedLMModule(pl.LightningModule):
         self._micro_batches = 0  # micro-batches of the current update so far
         self._window_position: tuple[int, int] | None = None
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Logits (B, T, vocab) of a padded batch, or of a packed one (packing.py)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, vocab)
+
+    def batch_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits of a padded batch, or of a packed one (packing.py)."""
         if "cu_seqlens" in batch:
             return packed_logits(self.model, batch)
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return self(batch["input_ids"], batch["attention_mask"])
 
     def _masked_lm(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Summed loss over the masked positions, their count, and the logits."""
-        logits = self(batch)
+        logits = self.batch_logits(batch)
         labels = batch["labels"]
         # Every position with ignore_index, no boolean-mask indexing (a host sync on a GPU); the cross-entropy
         # runs in fp32 even under bf16 autocast, since it is a sum over many small terms.
