@@ -4,6 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from protein_mlm import attention
 from protein_mlm.model import build_model, count_parameters
 from protein_mlm.tokenizer import MASK_ID, PAD_ID
 from tests.conftest import compose_config
@@ -44,7 +45,7 @@ def test_presets_use_esm_settings(preset):
     expected_positions = "absolute" if preset == "esm1b" else "rotary"
     assert config.position_embedding_type == expected_positions
     assert config.emb_layer_norm_before == (preset == "esm1b")
-    assert config._attn_implementation == "sdpa"
+    assert config._attn_implementation == attention.NAME  # PyTorch SDPA through our sync-free mask builder
 
 
 def test_contact_head_is_frozen_and_everything_else_trains():
