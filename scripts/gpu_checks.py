@@ -40,9 +40,9 @@ def check_sync(out: Path, quick: bool) -> None:
     """Every non-logging step free of host syncs: set_sync_debug_mode('error') raises at the first one."""
     import pytorch_lightning as pl
     import torch
+    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from protein_mlm.cli import compose_checked
     from protein_mlm.train import train
 
     class SyncGuard(pl.Callback):
@@ -56,7 +56,8 @@ def check_sync(out: Path, quick: bool) -> None:
                 torch.cuda.set_sync_debug_mode("default")
 
     model = "tiny" if quick else "esm2_150m"
-    cfg = compose_checked("train", [f"model={model}", "data.packing=true", "trainer.max_steps=20"])
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={model}", "data.packing=true", "trainer.max_steps=20"])
     with open_dict(cfg):
         cfg.trainer.log_every_n_steps = 10
         cfg.trainer.val_check_interval = 1000
