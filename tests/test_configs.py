@@ -97,7 +97,7 @@ def test_default_groups_instantiate(tmp_path):
     assert all(instantiate(c) is not None for c in cfg.callbacks.values() if c is not None)
     logger = instantiate(cfg.logger.tensorboard)
     trainer = instantiate(cfg.trainer, precision="32-true", logger=logger)
-    assert trainer.max_steps == cfg.trainer.max_steps and trainer.log_every_n_steps == 1
+    assert trainer.max_steps == cfg.trainer.max_steps and trainer.log_every_n_steps == 10
 
 
 def test_a_run_that_cannot_fit_the_machine_is_refused_before_it_starts(monkeypatch):
