@@ -10,7 +10,8 @@ clock starts for every row. Rows:
   hf        HF Trainer + DataCollatorForLanguageModeling: fixed batch size, pad to longest, random order, fp32
   hf_tuned  the same with train_sampling_strategy="group_by_length" and bf16
   ours      this project's defaults: token-budget batches (data.max_tokens), trainer.precision=auto
-  ours_fp32 / ours_bf16 / ours_compile / ours_16k   ours with 32-true / bf16-mixed / model.compile / max_tokens 16384
+  ours_fp32 / ours_bf16 / ours_compile / ours_eager / ours_16k   ours with 32-true / bf16-mixed / model.compile=true /
+            model.compile=false / max_tokens 16384
   ours_packed / ours_packed_compile   ours with data.packing=true (fixed-shape packed rows), and model.compile
   bare      a plain PyTorch loop over ours' batches: the same model, fused AdamW, clipping and LambdaLR; no
             Lightning, no callbacks, no logging (the framework-overhead reference)
@@ -37,6 +38,7 @@ OURS = {  # row -> overrides on top of the training config's defaults
     "ours_fp32": ["trainer.precision=32-true"],
     "ours_bf16": ["trainer.precision=bf16-mixed"],
     "ours_compile": ["model.compile=true"],
+    "ours_eager": ["model.compile=false"],
     "ours_16k": ["data.max_tokens=16384"],
     "ours_packed": ["data.packing=true"],
     "ours_packed_compile": ["data.packing=true", "model.compile=true"],
@@ -339,7 +341,7 @@ def main() -> None:
     else:
         peaks = {p: matmul_peak_tflops(p) for p in ("32-true", "bf16-mixed")}
         peak_note = "this CPU's measured 2048x2048 matmul rate (fp32 / bf16)"
-    arch = dict(compose(args.model, args.max_length, []).model.architecture)
+    arch = dict(compose(args.model, args.max_length, args.set).model.architecture)  # --set may change it
     params = sum(p.numel() for p in build_model(arch, device="meta").parameters() if p.requires_grad)
     slug = "".join(c if c.isalnum() else "-" for c in (torch.cuda.get_device_name() if on_gpu else "cpu").lower())
     out = args.out or ROOT / "benchmarks" / f"results-{slug}.md"

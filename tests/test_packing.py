@@ -179,4 +179,4 @@ def test_compile_without_a_compiler_falls_back_with_a_warning(monkeypatch, caplo
     monkeypatch.setattr(model.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     assert model.can_compile(on_gpu=False) is False
-    assert "model.compile=true ignored: no C++ compiler" in caplog.text
+    assert "model.compile ignored: no C++ compiler" in caplog.text

@@ -13,6 +13,7 @@ from protein_mlm.perf import flops_per_step, lookup_peak_tflops, resolve_peak_tf
 from protein_mlm.preflight import check_config
 from protein_mlm.tblog import read_scalars
 from protein_mlm.train import build_module, train
+from tests.conftest import compose_config
 
 ARCH = dict(
     num_hidden_layers=2,
@@ -64,12 +65,17 @@ def test_configured_peak_wins_and_cpu_has_none():
     assert resolve_peak_tflops(None, "32-true", on_gpu=False) is None
 
 
-def test_mfu_and_tflops_are_logged_every_step(tiny_cfg, tmp_path):
-    train(tiny_cfg("perf.peak_tflops=0.5"))
+def test_mfu_and_tflops_are_logged_for_each_read_interval(tiny_cfg, tmp_path):
+    """One value per read of the updates (every log_every_n_steps, before validation, at the end), at its last step."""
+    train(tiny_cfg("perf.peak_tflops=0.5", "trainer.log_every_n_steps=4"))
     scalars = read_scalars(tmp_path / "run")
     mfu, tflops = dict(scalars["perf/mfu"]), dict(scalars["perf/tflops"])
-    assert sorted(mfu) == list(range(12))  # one value per optimizer step
+    # Reads after updates 4 and 8 (log_every_n_steps), before the validation after 6, for the progress line after
+    # 10 (callbacks.plain_progress.every_n_steps), at the end (12).
+    assert sorted(mfu) == [3, 5, 7, 9, 11]
+    assert sorted(dict(scalars["perf/tokens_per_sec"])) == [3, 5, 7, 9, 11]
     assert all(mfu[s] == pytest.approx(tflops[s] / 0.5) and 0 < mfu[s] < 1 for s in mfu)
+    assert sorted(dict(scalars["train/loss"])) == list(range(12))  # every update, logged at its own step
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -138,3 +144,29 @@ def test_fp16_with_fused_optimizer_and_clipping_is_a_config_error(tiny_cfg):
     with pytest.raises(ConfigError, match="optimizer.fused=false"):
         check_config(tiny_cfg(*gpu_fp16))
     check_config(tiny_cfg(*gpu_fp16, "optimizer.fused=false"))
+
+
+@pytest.mark.parametrize(
+    ("setting", "max_steps", "compiler", "expected"),
+    [
+        ("auto", 260, True, True),  # long enough to earn back the compile
+        ("auto", 99, True, False),  # too short
+        ("auto", 260, False, False),  # no compiler: eager, without a warning
+        (True, 10, True, True),  # asked for explicitly
+        (True, 260, False, False),  # asked for, impossible: eager with a warning
+        (False, 260, True, False),
+    ],
+)
+def test_model_compile_setting_resolves(monkeypatch, caplog, setting, max_steps, compiler, expected):
+    from protein_mlm import model
+    from protein_mlm.plan import resolve_compile
+
+    monkeypatch.setattr(model.shutil, "which", lambda name: "/usr/bin/g++" if compiler else None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert resolve_compile(setting, max_steps, on_gpu=False) is expected
+    assert ("model.compile ignored" in caplog.text) == (setting is True and not compiler)
+
+
+def test_model_compile_rejects_other_values():
+    with pytest.raises(ConfigError, match="model.compile='yes' must be true, false or auto"):
+        check_config(compose_config("model.compile=yes"))

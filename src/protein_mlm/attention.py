@@ -15,8 +15,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
+from .perf import cpu_flags
+
 NAME = "protein_mlm_sdpa"  # what `attn_implementation: sdpa` in a model config selects
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+# PyTorch's CPU flash attention ran fp32 faster than bf16 on an AVX512-BF16 CPU without AMX (esm2_8m's head
+# dim 16: 134 vs 156-174 ms forward + backward, casts included; benchmarks/README.md); with AMX, bf16 stays.
+CPU_ATTENTION_IN_FP32 = "amx_bf16" not in cpu_flags()
 
 
 def padding_mask(*args, attention_mask=None, **kwargs):
@@ -60,6 +65,12 @@ def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scaling: fl
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """SDPA for padded batches; for packed ones, attention within each sequence only."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None and query.device.type == "cpu" and CPU_ATTENTION_IN_FP32 and value.dtype in FLASH_DTYPES:
+        with torch.autocast("cpu", enabled=False):
+            out, weights = sdpa_attention_forward(
+                module, query.float(), key.float(), value.float(), attention_mask, dropout, scaling, **kwargs
+            )
+        return out.to(value.dtype), weights
     if cu_seqlens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if dropout:

@@ -88,15 +88,17 @@ class PlainProgress(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step == self._seen_step or not trainer.is_global_zero:
-            return  # inside an accumulation window, or not rank 0
+        if step == self._seen_step:
+            return  # inside an accumulation window
         self._seen_step = step
+        by_step = step % self.every_n_steps == 0 or 0 < trainer.max_steps <= step
+        if by_step and hasattr(pl_module, "updates"):
+            # The loss to print: a host read at the same update on every rank (a time-based line, which only rank 0
+            # decides on, prints the last loss read instead)
+            pl_module.updates.flush()
         now = time.monotonic()
-        last = 0 < trainer.max_steps <= step
-        if not (step % self.every_n_steps == 0 or now - self._last_time >= self.every_seconds or last):
+        if not trainer.is_global_zero or not (by_step or now - self._last_time >= self.every_seconds):
             return
-        if hasattr(pl_module, "updates"):
-            pl_module.updates.flush()  # the loss to print (one host read, shared with the loggers)
         PROGRESS.info(self._line(trainer, pl_module, step, now))
         self._last_time, self._last_tokens = now, getattr(pl_module, "tokens_seen", 0)
 
@@ -104,7 +106,7 @@ class PlainProgress(pl.Callback):
         total = trainer.max_steps
         parts = [f"step {step}/{total}" if total > 0 else f"step {step}"]
         latest = getattr(getattr(pl_module, "updates", None), "latest", None)
-        if latest is not None:
+        if latest is not None:  # read every trainer.log_every_n_steps updates (a host sync); not read again here
             parts.append(f"loss {latest.loss:.4f}")
         if trainer.optimizers:
             parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3e}")

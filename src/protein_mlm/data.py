@@ -12,49 +12,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from .clusters import ClusterSampler, build_cluster_sampler, load_row_record_ids
 from .errors import ConfigError, DataError
-from .fasta import sequence_digest
 from .loader import ResumableLoader
 from .masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
-from .packing import PackedBatches, collate_packed
+from .packing import PackedBatches, check_packing_options, collate_packed
 from .preprocess import (
     BUNDLED_FASTA,
     SplitStats,
     cache_key,
-    decode_ids,
     load_sequences,
     load_splits,
     residue_lengths,
     unigram_perplexity,
 )
 from .samplers import EpochSampler, FixedSizeBatches, TokenBudgetBatchSampler, padding_index
-from .streaming import StreamingFastaDataset, fasta_files
+from .streaming import check_streaming_options, fasta_files, streaming_loader
 
 log = logging.getLogger(__name__)
-
-
-def check_streaming_options(val_path, max_tokens, cluster_map, tokens_per_update) -> None:
-    """data.streaming=true reads the training FASTA once, lazily: refuse the options that need it all up front."""
-    if val_path is None:
-        raise ConfigError(
-            "data.streaming=true needs data.val_path (a held-out split would need a pass over all the data first)"
-        )
-    if max_tokens is not None or tokens_per_update is not None:
-        raise ConfigError(
-            "data.streaming=true cannot honour data.max_tokens / data.tokens_per_update (token-budget batches need "
-            "every length up front); set data.max_tokens=null data.tokens_per_update=null and use data.batch_size"
-        )
-    if cluster_map is not None:
-        raise ConfigError("data.streaming=true cannot sample by cluster (data.cluster_map); set data.cluster_map=null")
-
-
-def check_packing_options(packing: bool, max_tokens, streaming: bool) -> None:
-    """data.packing=true lays whole sequences into rows of data.max_length tokens, max_tokens of them per batch."""
-    if packing and max_tokens is None:
-        raise ConfigError(
-            "data.packing=true needs data.max_tokens (tokens per packed batch); e.g. data.max_tokens=4096"
-        )
-    if packing and streaming:
-        raise ConfigError("data.packing=true needs every length up front; set data.streaming=false")
 
 
 class MaskedSequenceDataset(Dataset):
@@ -179,29 +152,18 @@ class ProteinDataModule(pl.LightningDataModule):
 
     def _streaming_loader(self, resume: dict[str, int] | None) -> DataLoader:
         num_replicas, rank = self.replicas()
-        val_digests = frozenset(
-            sequence_digest(decode_ids(ids)) for ids in self.splits["val"].with_format("numpy")["input_ids"]
-        )
-        dataset = StreamingFastaDataset(
+        return streaming_loader(
             self.train_files,
+            self.splits["val"],
             self.max_length,
             self.seed,
             self.mask_prob,
-            rank=rank,
-            world_size=num_replicas,
-            num_workers=self.num_workers,
-            shuffle_buffer=self.shuffle_buffer,
-            exclude=val_digests,  # no validation sequence is trained on
-        )
-        dataset.batch_size = self.batch_size
-        if resume:  # one endless Lightning epoch: skip the batches already trained on
-            dataset.skip_batches = resume["batches"]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            self.batch_size,
+            (num_replicas, rank),
+            self.num_workers,
+            self.shuffle_buffer,
+            self.pin_memory,
+            skip_batches=resume["batches"] if resume else 0,
         )
 
     def val_unigram_perplexity(self) -> float:

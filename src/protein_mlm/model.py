@@ -44,7 +44,7 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def can_compile(on_gpu: bool) -> bool:
+def can_compile(on_gpu: bool, quiet: bool = False) -> bool:
     """Whether torch.compile can build kernels here (Triton on GPUs, a C++ compiler on CPUs); warns when not."""
     if on_gpu:
         missing = None if importlib.util.find_spec("triton") else "Triton is not installed"
@@ -52,5 +52,5 @@ def can_compile(on_gpu: bool) -> bool:
         compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
         missing = None if any(c and shutil.which(c) for c in compilers) else "no C++ compiler (g++/clang++) on PATH"
     if missing:
-        log.warning("model.compile=true ignored: %s; training runs eagerly", missing)
+        log.log(logging.INFO if quiet else logging.WARNING, "model.compile ignored: %s; training runs eagerly", missing)
     return missing is None

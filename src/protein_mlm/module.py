@@ -70,7 +70,6 @@ class MaskedLMModule(pl.LightningModule):
         self.updates = UpdateLog()  # finished updates, read to the host once per logging interval
         self.updates.subscribe(self._log_updates)
         self._open_window()
-        self._update_ended = False  # set by the micro-batch that completed an update, until its batch ends
         self._clip_norm: torch.Tensor | None = None  # this update's gradient norm, for clipping
 
     def _open_window(self) -> None:
@@ -141,7 +140,6 @@ class MaskedLMModule(pl.LightningModule):
         if self._window_position is not None and hasattr(loader, "commit"):
             loader.commit(self._window_position)  # a checkpoint from now on resumes after this update's batches
         self._open_window()
-        self._update_ended = True
 
     def _skip_if_not_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
         """Keep a non-finite update out of the weights, without a host read where the optimizer allows it.
@@ -169,13 +167,11 @@ class MaskedLMModule(pl.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return norm / scaler.get_scale() if scaler is not None else norm
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Read the finished updates once per `trainer.log_every_n_steps` updates, and at the last one."""
-        if not self._update_ended:
-            return  # still accumulating gradients
-        self._update_ended = False
-        step = self.trainer.global_step
-        if step % self.trainer.log_every_n_steps == 0 or 0 < self.trainer.max_steps <= step or self.trainer.should_stop:
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Read the finished updates every `trainer.log_every_n_steps` updates and at the last one: at the same
+        update on every rank (the guard raises on all of them alike), before any callback's batch-end hook."""
+        done = self.trainer.global_step + 1
+        if done % self.trainer.log_every_n_steps == 0 or 0 < self.trainer.max_steps <= done:
             self.updates.flush()
 
     def on_validation_start(self) -> None:

@@ -13,12 +13,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import ConfigError
 from .masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
 from .samplers import rank_share
 from .tokenizer import MASK_ID, PAD_ID
 
 PACKED_KEYS = ("position_ids", "segment_ids", "cu_seqlens")
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM's token-dropout constant (the <mask> share of tokens in its training)
+
+
+def check_packing_options(packing: bool, max_tokens, streaming: bool) -> None:
+    """data.packing=true lays whole sequences into rows of data.max_length tokens, max_tokens of them per batch."""
+    if packing and max_tokens is None:
+        raise ConfigError(
+            "data.packing=true needs data.max_tokens (tokens per packed batch); e.g. data.max_tokens=4096"
+        )
+    if packing and streaming:
+        raise ConfigError("data.packing=true needs every length up front; set data.streaming=false")
 
 
 def best_fit_rows(lengths: Sequence[int], rows: int, row_tokens: int) -> list[list[int]]:

@@ -1,5 +1,8 @@
 """Training FLOPs of an ESM transformer and the accelerator peaks that model FLOPs utilisation (MFU) divides by."""
 
+from functools import cache
+from pathlib import Path
+
 import torch
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' datasheets, SXM parts unless named. "bf16" also serves
@@ -49,3 +52,13 @@ def flops_per_step(num_params: int, num_layers: int, hidden_size: int, real_toke
     hidden x n^2 per sequence in training. Padding is not counted: MFU measures useful work.
     """
     return 6 * num_params * real_tokens + 12 * num_layers * hidden_size * sum_squared_lengths
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The x86 CPU's feature flags (/proc/cpuinfo), empty where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split()[2:])

@@ -4,7 +4,6 @@ the schedule function and the plan table. Everything after the checks reads the 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,8 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .model import build_model, can_compile, count_parameters
-from .perf import resolve_peak_tflops
+from .perf import cpu_flags, resolve_peak_tflops
 from .sweep import validation_steps
+
+COMPILE_MIN_STEPS = 100  # model.compile=auto: shorter runs rarely earn back a one-off compile of the layers
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,13 @@ class RunPlan:
     schedule: Callable[[int], float]  # step -> LR multiplier
     peak_tflops: float | None  # the accelerator's peak at this precision, for MFU (None on CPUs unless configured)
     compile: bool  # model.compile, where this machine can compile
+
+
+def resolve_compile(setting: bool | str, max_steps: int, on_gpu: bool) -> bool:
+    """model.compile: true / false, or auto = on for runs of COMPILE_MIN_STEPS updates or more, where it can be."""
+    if setting == "auto":
+        return max_steps >= COMPILE_MIN_STEPS and can_compile(on_gpu, quiet=True)
+    return bool(setting) and can_compile(on_gpu)
 
 
 def resolve(cfg: DictConfig) -> RunPlan:
@@ -46,7 +54,7 @@ def resolve(cfg: DictConfig) -> RunPlan:
         val_check_batches=validation_interval(cfg, accumulate),
         schedule=build_schedule(cfg),
         peak_tflops=resolve_peak_tflops(cfg.get("perf", {}).get("peak_tflops"), precision, on_gpu),
-        compile=bool(cfg.model.get("compile", False)) and can_compile(on_gpu),
+        compile=resolve_compile(cfg.model.get("compile", False), cfg.trainer.max_steps, on_gpu),
     )
 
 
@@ -68,11 +76,7 @@ def split_optimizer_config(optimizer_cfg: DictConfig) -> tuple[dict[str, Any], b
 
 def cpu_supports_bf16() -> bool:
     """True on x86 CPUs with native bf16 (AVX512-BF16 or AMX), where bf16 autocast is faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def uses_gpu(accelerator: str) -> bool:

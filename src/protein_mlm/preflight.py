@@ -9,10 +9,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import memory
 from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
-from .data import check_packing_options, check_streaming_options
 from .errors import ConfigError
 from .model import build_model, count_parameters
+from .packing import check_packing_options
 from .plan import RunPlan, num_devices, resolve, uses_gpu
+from .streaming import check_streaming_options
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not {'an' if kind[0] == 'i' else 'a'} {kind}; e.g. {example}")
         if value is not None and not valid(value):
             raise ConfigError(f"{key}={value} must be {requirement}; e.g. {example}")
+    if cfg.model.get("compile", False) not in (True, False, "auto"):
+        raise ConfigError(f"model.compile={cfg.model.compile!r} must be true, false or auto; e.g. model.compile=auto")
     data = cfg.data
     if data.get("max_tokens") is not None and data.max_tokens < data.max_length:
         raise ConfigError(

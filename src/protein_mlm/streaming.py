@@ -17,10 +17,12 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .fasta import read_fasta, sequence_digest
-from .masking import crop, mask_tokens, sample_rng
+from .masking import collate, crop, mask_tokens, sample_rng
+from .preprocess import decode_ids
 from .tokenizer import encode_residues
 
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fasta.gz", ".fa.gz", ".faa.gz", ".fas.gz")
@@ -119,3 +121,52 @@ class StreamingFastaDataset(torch.utils.data.IterableDataset):
         for epoch, key, residues in self.records():
             rng = sample_rng(self.seed, epoch, key)
             yield mask_tokens(crop(residues, self.max_residues, rng), rng, mask_prob=self.mask_prob)
+
+
+def check_streaming_options(val_path, max_tokens, cluster_map, tokens_per_update) -> None:
+    """data.streaming=true reads the training FASTA once, lazily: refuse the options that need it all up front."""
+    if val_path is None:
+        raise ConfigError(
+            "data.streaming=true needs data.val_path (a held-out split would need a pass over all the data first)"
+        )
+    if max_tokens is not None or tokens_per_update is not None:
+        raise ConfigError(
+            "data.streaming=true cannot honour data.max_tokens / data.tokens_per_update (token-budget batches need "
+            "every length up front); set data.max_tokens=null data.tokens_per_update=null and use data.batch_size"
+        )
+    if cluster_map is not None:
+        raise ConfigError("data.streaming=true cannot sample by cluster (data.cluster_map); set data.cluster_map=null")
+
+
+def streaming_loader(
+    train_files,
+    val_split,
+    max_length,
+    seed,
+    mask_prob,
+    batch_size,
+    replicas,
+    num_workers,
+    shuffle_buffer,
+    pin_memory,
+    skip_batches: int = 0,
+) -> DataLoader:
+    """The training DataLoader over the streamed FASTA files; sequences of the validation split are skipped."""
+    num_replicas, rank = replicas
+    val_digests = frozenset(sequence_digest(decode_ids(ids)) for ids in val_split.with_format("numpy")["input_ids"])
+    dataset = StreamingFastaDataset(
+        train_files,
+        max_length,
+        seed,
+        mask_prob,
+        rank=rank,
+        world_size=num_replicas,
+        num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer,
+        exclude=val_digests,  # no validation sequence is trained on
+    )
+    dataset.batch_size = batch_size
+    dataset.skip_batches = skip_batches  # a resume: one endless Lightning epoch, skip the batches already trained on
+    return DataLoader(
+        dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory
+    )
