@@ -148,3 +148,18 @@ def test_loss_spike_warning_names_the_update_loss_and_the_guard_is_checkpointed(
     assert spikes == [f"loss spike at step {s}: {losses[s]:.4g}, over 0.5 x the recent median" for s in range(10, 12)]
     state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     assert state["DivergenceGuard"]["recent"] == pytest.approx([losses[s] for s in range(12)], rel=1e-6)
+
+
+def test_a_nan_update_is_skipped_on_the_device_and_reported_at_the_next_read(tiny_cfg, monkeypatch):
+    """Fused AdamW skips the non-finite update itself (no host read); the guard raises when the updates are read."""
+    import protein_mlm.train as train_module
+
+    built, build_module = [], train_module.build_module
+    monkeypatch.setattr(train_module, "build_module", lambda *args: built.append(build_module(*args)) or built[-1])
+    with pytest.raises(TrainingDiverged, match="diverged at step 2: loss is nan"):
+        train(tiny_cfg("faults.inject_nan_at_step=2", "trainer.log_every_n_steps=10"))
+    (module,) = built
+    assert module.trainer.global_step == 6  # read before the validation after update 6: updates 3-5 ran on
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    optimizer = module.trainer.optimizers[0]
+    assert {int(optimizer.state[p]["step"]) for p in module.parameters() if p in optimizer.state} == {5}  # 6 - 1
