@@ -18,7 +18,6 @@ from .masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
 from .samplers import rank_share
 from .tokenizer import MASK_ID, PAD_ID
 
-PACKED_KEYS = ("position_ids", "segment_ids", "cu_seqlens")
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM's token-dropout constant (the <mask> share of tokens in its training)
 
 
