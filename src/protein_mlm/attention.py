@@ -8,6 +8,7 @@ mask elsewhere. The module tree and `state_dict` keys stay those of `EsmForMaske
 
 import inspect
 import warnings
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ def block_diagonal_attention(query, key, value, segment_ids: torch.Tensor, scali
     return out.transpose(1, 2).contiguous()
 
 
+@cache
 def _varlen_function():
     """The installed torch's varlen flash attention if it takes `scale` (ESM passes scaling=1.0), else None."""
     try:

@@ -33,7 +33,8 @@ class ThroughputMeter(pl.Callback):
 
     def measure(self, records: list[UpdateRecord]) -> None:
         """Per process; under DDP multiply tokens/s by the world size."""
-        now, since, self._since = time.perf_counter(), self._since, time.perf_counter()
+        now = time.perf_counter()
+        since, self._since = self._since, now
         if since is None or not records:
             return
         seconds = max(now - since, 1e-9)

@@ -45,9 +45,6 @@ class UpdateLog:
         if listener not in self.listeners:
             self.listeners.append(listener)
 
-    def __len__(self) -> int:
-        return len(self._host)
-
     def flush(self) -> list[UpdateRecord]:
         """Read every pending update (one host transfer) and hand the records to the listeners, in order."""
         if not self._host:
