@@ -28,6 +28,14 @@ TINY = [
 ]
 
 
+def pytest_report_header(config) -> str:
+    """The versions the suite ran with, first thing in its output (the lock is constraints.txt)."""
+    from importlib.metadata import version
+
+    names = ("torch", "transformers", "pytorch-lightning", "hydra-core", "datasets", "numpy", "pyarrow")
+    return "versions: " + ", ".join(f"{name} {version(name)}" for name in names)
+
+
 def compose_config(*overrides: str) -> DictConfig:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=list(overrides))

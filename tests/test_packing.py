@@ -169,7 +169,9 @@ def test_compiled_layers_match_eager_and_compile_once_for_packed_batches():
         torch.testing.assert_close(compiled.batch_logits(batch), eager.batch_logits(batch), atol=1e-5, rtol=1e-5)
         for (name, theirs), ours in zip(eager.named_parameters(), compiled.parameters(), strict=True):
             if theirs.grad is not None:
-                torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-5, msg=name)
+                # Summed-loss gradients reach ~10: fp32 rounding scales with them, so the tolerance does too.
+                scale = theirs.grad.abs().max().item()
+                torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5 * max(scale, 1), rtol=1e-5, msg=name)
     assert counters["stats"]["unique_graphs"] == 1
 
 

@@ -160,9 +160,11 @@ def packed_logits(model, batch: dict[str, Any]) -> torch.Tensor:
     words = packed_embeddings(model, batch["input_ids"], batch["segment_ids"], sizes)
     # EsmModel skips its embedding module when given inputs_embeds: add positions (and any LayerNorm) here.
     embeddings = model.esm.embeddings(inputs_embeds=words, position_ids=position_ids)
+    # No position_ids to the model: absolute positions are in `embeddings` already, rotary is relative (offsets
+    # within a row leave q.k unchanged), and transformers >= 5.2x reads packed position_ids with a host sync
+    # (`find_packed_sequence_indices(...).all()`) when it builds the mask.
     return model(
         inputs_embeds=embeddings,
-        position_ids=position_ids,
         cu_seq_lens_q=cu_seqlens,
         cu_seq_lens_k=cu_seqlens,
         max_length_q=batch["max_seqlen"],
