@@ -17,7 +17,7 @@ OURS = {  # row -> overrides on top of the training config's defaults
     "ours_compile": ["model.compile=true"],
     "ours_eager": ["model.compile=false"],
     "ours_16k": ["data.max_tokens=16384"],
-    "ours_packed": ["data.packing=true"],
+    "ours_packed": ["data.packing=true", "model.compile=false"],
     "ours_packed_compile": ["data.packing=true", "model.compile=true"],
 }
 HF = {  # row -> TrainingArguments that differ
@@ -130,16 +130,15 @@ def run_hf(name: str, model_name: str, max_length: int, batch_size: int, clock: 
 def run_ours(name: str, model_name: str, max_length: int, clock: Clock, extra: list[str]) -> dict:
     """This project's DataModule + LightningModule + Trainer, without checkpoints, validation or loggers."""
     import pytorch_lightning as pl
-    from hydra.utils import instantiate
 
     from protein_mlm.masking import COUNTS_KEY
     from protein_mlm.preflight import check_config
-    from protein_mlm.train import build_module
+    from protein_mlm.train import build_datamodule, build_module
 
     paths = [f"paths.cache_dir={WORK / 'data'}", f"paths.output_dir={WORK / 'benchmark-ours'}"]
     cfg = compose(model_name, max_length, [*OURS[name], *paths, *extra])
     plan = check_config(cfg)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg, plan)
     module = build_module(cfg, plan)
 
     class StopAfter(pl.Callback):
@@ -180,7 +179,7 @@ def run_bare(model_name: str, max_length: int, clock: Clock, extra: list[str]) -
     paths = [f"paths.cache_dir={WORK / 'data'}", f"paths.output_dir={WORK / 'benchmark-bare'}"]
     cfg = compose(model_name, max_length, [*paths, *extra])
     plan = check_config(cfg)
-    datamodule = instantiate_data(cfg)
+    datamodule = instantiate_data(cfg, plan)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(dict(cfg.model.architecture)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -208,10 +207,10 @@ def run_bare(model_name: str, max_length: int, clock: Clock, extra: list[str]) -
     return clock.result()
 
 
-def instantiate_data(cfg):
-    """The training config's DataModule, set up as Lightning would (one process)."""
+def instantiate_data(cfg, plan):
+    """The training config's DataModule with padded batches (the bare loop feeds the model's own forward)."""
     from hydra.utils import instantiate
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, packing=False, num_workers=plan.num_workers)
     datamodule.setup()
     return datamodule

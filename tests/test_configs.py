@@ -9,6 +9,8 @@ from omegaconf import OmegaConf
 
 from protein_mlm.data import ProteinDataModule
 from protein_mlm.plan import build_schedule, split_optimizer_config
+from protein_mlm.preflight import check_config
+from protein_mlm.train import build_datamodule
 from tests.conftest import CONFIG_DIR, compose_config
 
 GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths", "debug", "experiment"]
@@ -93,7 +95,7 @@ def test_adamw_has_esm2_values():
 
 def test_default_groups_instantiate(tmp_path):
     cfg = compose_config("trainer=cpu", f"paths.output_dir={tmp_path}")
-    assert isinstance(instantiate(cfg.data), ProteinDataModule)
+    assert isinstance(build_datamodule(cfg, check_config(cfg)), ProteinDataModule)
     assert all(instantiate(c) is not None for c in cfg.callbacks.values() if c is not None)
     logger = instantiate(cfg.logger.tensorboard)
     trainer = instantiate(cfg.trainer, precision="32-true", logger=logger)
@@ -135,3 +137,58 @@ def test_a_config_is_checked_and_resolved_once_per_process(monkeypatch):
     assert preflight.check_config(cfg) is first and len(calls) == 1
     assert first.accumulate == 1 and first.schedule(0) == real_check(cfg).schedule(0)
     assert preflight.check_config(cfg) is not first and len(calls) == 2  # once only: a third check checks again
+
+
+@pytest.mark.parametrize(
+    ("on_gpu", "varlen", "data", "expected"),
+    [
+        (False, True, {}, False),  # CPUs train padded batches
+        (True, True, {}, True),  # CUDA with varlen flash attention packs
+        (True, False, {}, False),  # a torch without varlen_attn
+        (True, True, {"data.streaming": True, "data.max_tokens": None}, False),  # streaming has no lengths up front
+        (True, True, {"data.max_tokens": None}, False),  # packing needs a token budget
+    ],
+)
+def test_packing_auto_resolves_where_packed_rows_run_fast(monkeypatch, on_gpu, varlen, data, expected):
+    from protein_mlm import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "varlen_available", lambda: varlen)
+    cfg = compose_config(*(f"{k}={'null' if v is None else str(v).lower()}" for k, v in data.items()))
+    assert cfg.data.packing == "auto"
+    assert plan_module.resolve_packing(cfg.data.packing, on_gpu, cfg.data, 0.0) is expected
+    assert plan_module.resolve_packing(True, False, cfg.data, 0.0) is True  # an explicit value is kept
+    assert plan_module.resolve_packing("auto", True, compose_config().data, 0.1) is False  # attention dropout
+
+
+def test_num_workers_auto_is_zero_on_cpus_and_a_few_per_gpu(monkeypatch):
+    from protein_mlm import plan as plan_module
+
+    monkeypatch.setattr(plan_module.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert plan_module.resolve_num_workers("auto", on_gpu=False, devices=1) == 0
+    assert plan_module.resolve_num_workers("auto", on_gpu=True, devices=1) == plan_module.AUTO_WORKERS
+    assert plan_module.resolve_num_workers("auto", on_gpu=True, devices=8) == 1  # 16 cores over 8 ranks
+    assert plan_module.resolve_num_workers(3, on_gpu=True, devices=8) == 3
+    assert check_config(compose_config("trainer=cpu")).num_workers == 0
+
+
+def test_a_resume_keeps_the_packing_its_run_started_with(tmp_path):
+    """`auto` resolves once: config.yaml records it and resume= pins it, whatever the new machine would pick."""
+    from protein_mlm.cli import resume_argv
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(["model=tiny"]), tmp_path / ".hydra" / "overrides.yaml")
+    OmegaConf.save(compose_config("data.packing=true"), tmp_path / "config.yaml")
+    argv = resume_argv([f"resume={tmp_path}", "trainer.max_steps=20"])
+    assert argv.index("data.packing=true") < argv.index("trainer.max_steps=20")  # before the new overrides
+    assert argv[0] == "model=tiny"
+
+
+def test_the_datamodule_refuses_an_unresolved_auto():
+    from protein_mlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="build_datamodule"):
+        ProteinDataModule(packing="auto")
+    with pytest.raises(ConfigError, match="build_datamodule"):
+        ProteinDataModule(num_workers="auto")

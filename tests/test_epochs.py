@@ -5,13 +5,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from protein_mlm.debug.callbacks import batch_digest
 from protein_mlm.masking import collate
+from protein_mlm.preflight import check_config
 from protein_mlm.samplers import EpochSampler, FixedSizeBatches
-from protein_mlm.train import train
+from protein_mlm.train import build_datamodule, train
 from tests.conftest import TINY, compose_config, run_cli
 
 RUN = [
@@ -45,7 +45,7 @@ def served(run_dir: Path, name: str = "batches.jsonl") -> dict[int, list[tuple[i
 
 def sampler_batches(cfg, world: int = 1, rank: int = 0):
     """(the DataModule, this rank's batcher) built from the config alone, outside any Trainer."""
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg, check_config(cfg))
     datamodule.setup()
     datamodule.replicas = lambda: (world, rank)
     batcher = datamodule._batcher("train", shuffle=True)

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import EsmForMaskedLM
 
+from protein_mlm import attention, packing
 from protein_mlm.checkpoint import export_hf
 from protein_mlm.masking import IGNORE_INDEX, collate, mask_tokens
 from protein_mlm.model import build_model, esm_config
 from protein_mlm.module import MaskedLMModule
-from protein_mlm.packing import PackedBatches, best_fit_rows, collate_packed, packed_logits
+from protein_mlm.packing import SEGMENT_BUCKET, PackedBatches, best_fit_rows, collate_packed, packed_logits
 from protein_mlm.tblog import read_scalars
 from protein_mlm.train import train
 from tests.conftest import compose_config
@@ -53,7 +54,7 @@ def test_packed_logits_and_gradients_equal_padded(position):
     packed, padded = collate_packed(batch, rows=3, row_tokens=80), collate(batch)
     assert packed["labels"][packed["input_ids"].eq(1)].eq(IGNORE_INDEX).all()  # pad segments carry no targets
     assert packed["cu_seqlens"][-1] == 3 * 80  # every token belongs to one segment
-    assert packed["cu_seqlens"].shape == collate_packed(batch[:2], rows=3, row_tokens=80)["cu_seqlens"].shape
+    assert len(packed["cu_seqlens"]) == SEGMENT_BUCKET + 1  # 6 sequences + 3 row tails, bucketed
 
     packed_out = packed_logits(model, packed)
     padded_out = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
@@ -91,7 +92,7 @@ def test_a_one_token_and_a_1024_token_sequence_share_a_pack():
     batch = [(np.array([0]), np.array([IGNORE_INDEX])), (long_ids, long_labels)]
     packed = collate_packed(batch, rows=1, row_tokens=1030)
     assert packed["cu_seqlens"].tolist()[:4] == [0, 1024, 1025, 1030] and packed["max_seqlen"] == 1030
-    assert set(packed["cu_seqlens"].tolist()[4:]) == {1030}  # empty segments up to a fixed length
+    assert set(packed["cu_seqlens"].tolist()[4:]) == {1030}  # empty segments up to the bucket
     pieces = split_packed(packed_logits(model, packed), [1, 1024], 1030)
     for (ids, _), piece in zip(batch, pieces, strict=True):
         alone = model(input_ids=torch.as_tensor(ids)[None]).logits[0]
@@ -127,6 +128,76 @@ def test_packed_batches_cover_each_sequence_once_per_epoch_in_fixed_shapes():
     shares = [PackedBatches(lengths, 4, 128, 0, num_replicas=2, rank=r).rank_batches(0) for r in (0, 1)]
     assert len(shares[0]) == len(shares[1])
     assert {i for b in shares[0] + shares[1] for i in b.tolist()} == set(range(500))
+
+
+def test_packed_batches_feed_attention_their_real_segments_only():
+    """cu_seqlens: the batch's sequences and row tails, then under a bucket of empty ones; max_seqlen bounds all."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 200, size=2000)
+    batcher = PackedBatches(lengths, rows=8, row_tokens=256, seed=0)
+    counts = set()
+    for batch in batcher.rank_batches(0):
+        packed = collate_packed(examples((lengths[batch] - 2).tolist()), rows=8, row_tokens=256)  # + <cls>, <eos>
+        cu = packed["cu_seqlens"]
+        segments = len(cu) - 1
+        assert segments % SEGMENT_BUCKET == 0 and segments < len(batch) + 8 + SEGMENT_BUCKET
+        sizes = cu.diff()
+        assert int(sizes.gt(0).sum()) <= len(batch) + 8  # real segments: sequences and row tails
+        assert packed["max_seqlen"] >= int(sizes.max())  # flash writes no row tail past max_seqlen
+        counts.add(segments)
+    assert len(counts) > 1  # the count varies with the batch: no fixed worst case
+
+
+def test_the_packer_keeps_segments_under_the_flash_launch_limit(monkeypatch):
+    """Sequences per batch + row tails + the bucket never exceed MAX_SEGMENTS (65,535 on CUDA; 100 here)."""
+    monkeypatch.setattr(packing, "MAX_SEGMENTS", 100)
+    lengths = np.full(1000, 3)  # 3-token sequences: 8 rows of 256 would hold 680 of them
+    batches = PackedBatches(lengths, rows=8, row_tokens=256, seed=0).rank_batches(0)
+    assert max(map(len, batches)) == packing.max_sequences_per_batch(8) == 100 - 8 - 63
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))  # the rest wait for later batches
+    for batch in batches:
+        assert len(collate_packed(examples((lengths[batch] - 2).tolist()), 8, 256)["cu_seqlens"]) - 1 <= 100
+
+
+def test_compiled_packed_path_keeps_few_graphs_over_varying_segment_counts(monkeypatch):
+    """50 batches whose segment counts span several buckets, through a varlen kernel of flash's signature (the CPU
+    reference), compiled: the same logits as eager and at most 4 graphs in all."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda query, value: attention.varlen_reference)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = build_model(ARCHS["rotary"])
+    compiled = build_model(ARCHS["rotary"])
+    compiled.load_state_dict(eager.state_dict())
+    for layer in compiled.esm.encoder.layer:
+        layer.compile(backend="aot_eager")
+    rng = np.random.default_rng(0)
+    segment_counts = set()
+    for i in range(50):
+        residues = rng.integers(1, int(rng.choice([3, 12, 60])), size=300)
+        keep = sorted({p for row in best_fit_rows((residues + 2).tolist(), 4, 256) for p in row})  # what fits
+        batch = collate_packed(examples(residues[keep], seed=i), rows=4, row_tokens=256)
+        segment_counts.add(len(batch["cu_seqlens"]) - 1)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                packed_logits(compiled, batch), packed_logits(eager, batch), atol=1e-5, rtol=1e-5
+            )
+    assert len(segment_counts) >= 3
+    assert counters["stats"]["unique_graphs"] <= 4, counters["stats"]
+
+
+def test_varlen_reference_equals_the_block_diagonal_path():
+    """The CPU stand-in for flash's varlen kernel computes what the block-diagonal reference computes."""
+    torch.manual_seed(0)
+    lengths = [5, 30, 3, 60, 17, 13]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    q, k, v = (torch.randn(1, 4, sum(lengths), 8) for _ in range(3))
+    ours = attention.varlen_attention(q, k, v, cu, 60, 0.3, kernel=attention.varlen_reference)
+    torch.testing.assert_close(ours, attention.block_diagonal_attention(q, k, v, segment_ids, 0.3))
 
 
 def test_packed_training_run_logs_and_exports(tiny_cfg, tmp_path):

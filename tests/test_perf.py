@@ -3,7 +3,6 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -12,7 +11,7 @@ from protein_mlm.model import build_model
 from protein_mlm.perf import flops_per_step, lookup_peak_tflops, resolve_peak_tflops
 from protein_mlm.preflight import check_config
 from protein_mlm.tblog import read_scalars
-from protein_mlm.train import build_module, train
+from protein_mlm.train import build_datamodule, build_module, train
 from tests.conftest import compose_config
 
 ARCH = dict(
@@ -123,7 +122,7 @@ def test_fused_adamw_gradients_are_clipped(tiny_cfg, precision):
     cfg = tiny_cfg(f"trainer.precision={precision}", "trainer.gradient_clip_val=0.001")
     assert cfg.optimizer.fused
     recorder = RecordGradNorm()
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg, check_config(cfg))
     trainer = pl.Trainer(
         accelerator="cpu",
         precision=precision,

@@ -22,7 +22,7 @@ from protein_mlm.samplers import EpochSampler, TokenBudgetBatchSampler
 from protein_mlm.streaming import StreamingFastaDataset
 from protein_mlm.tblog import read_scalars
 from protein_mlm.tokenizer import encode_residues
-from protein_mlm.train import train
+from protein_mlm.train import build_datamodule, train
 
 from .conftest import TINY, compose_config, run_cli
 
@@ -274,7 +274,7 @@ def test_streaming_run_and_its_option_errors(tiny_cfg, tmp_path):
         check_config(tiny_cfg(*streaming, f"data.val_path={val_file}", "data.max_tokens=512"))
 
     cfg = tiny_cfg(*streaming, f"data.val_path={val_file}", "data.num_workers=2")
-    dm = instantiate(cfg.data)
+    dm = build_datamodule(cfg, check_config(cfg))
     dm.setup()
     val = {decode_ids(ids) for ids in dm.splits["val"].with_format("numpy")["input_ids"]}
     assert len(val) == 30

@@ -51,7 +51,12 @@ def _varlen_function():
     return varlen_attn if "scale" in inspect.signature(varlen_attn).parameters else None
 
 
-def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scaling: float | None) -> torch.Tensor:
+def varlen_available() -> bool:
+    """Whether this torch has varlen flash attention (used on CUDA); asks nothing of the GPU."""
+    return _varlen_function() is not None
+
+
+def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scaling: float | None, kernel=None):
     """Flash attention over the flattened tokens, one segment per sequence; (B, T, heads, dim) out."""
     batch, heads, tokens, dim = query.shape
     dtype = value.dtype  # ESM's rotary path returns fp32 q and k under autocast; flash takes one 16-bit dtype
@@ -60,8 +65,27 @@ def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scaling: fl
         return x.to(dtype).transpose(1, 2).reshape(batch * tokens, heads, dim)
 
     cu = cu_seqlens.to(torch.int32)
-    out = _varlen_function()(flat(query), flat(key), flat(value), cu, cu, max_seqlen, max_seqlen, scale=scaling)
+    out = (kernel or _varlen_function())(
+        flat(query), flat(key), flat(value), cu, cu, max_seqlen, max_seqlen, scale=scaling
+    )
     return out.view(batch, tokens, heads, dim)
+
+
+def varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float | None = None):
+    """`varlen_attn`'s contract on any device: (tokens, heads, dim) in and out, attention within each segment of
+    `cu_seq_q`. Tests run the packed path through it on CPU, so `cu_seqlens` reaches compiled graphs as on CUDA."""
+    positions = torch.arange(query.shape[0], device=query.device)
+    segment = torch.searchsorted(cu_seq_q[1:].to(positions.dtype), positions, right=True)
+    mask = segment.unsqueeze(0).eq(segment.unsqueeze(1))  # (tokens, tokens)
+    q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # (heads, tokens, dim)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
+
+
+def varlen_kernel(query, value):
+    """The varlen kernel for these tensors (flash on CUDA in 16-bit), or None for the block-diagonal reference."""
+    if query.is_cuda and value.dtype in FLASH_DTYPES:
+        return _varlen_function()
+    return None
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -77,8 +101,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if dropout:
         raise ValueError("packed batches need attention_probs_dropout_prob: 0.0 (as ESM-2)")
-    if query.is_cuda and value.dtype in FLASH_DTYPES and _varlen_function() is not None:
-        return varlen_attention(query, key, value, cu_seqlens, kwargs["max_length_q"], scaling), None
+    kernel = varlen_kernel(query, value)
+    if kernel is not None:
+        return varlen_attention(query, key, value, cu_seqlens, kwargs["max_length_q"], scaling, kernel), None
     if query.is_cuda:
         warnings.warn("packed batches: no varlen flash attention in this torch; using the reference path", stacklevel=2)
     return block_diagonal_attention(query, key, value, kwargs["segment_ids"], scaling), None

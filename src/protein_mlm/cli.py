@@ -145,11 +145,20 @@ def resume_argv(argv: list[str]) -> list[str]:
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     return [
         *original,
+        *resolved_at_start(run_dir),
         *new,
         f"ckpt_path={last}",
         f"hydra.run.dir={run_dir}",
         f"hydra.output_subdir=.hydra/resume-{stamp}",
     ]
+
+
+def resolved_at_start(run_dir: Path) -> list[str]:
+    """What `data.packing=auto` resolved to when the run started (its config.yaml), so a resume on another machine
+    trains the batches it started with."""
+    saved = run_dir / "config.yaml"
+    packing = OmegaConf.select(OmegaConf.load(saved), "data.packing") if saved.is_file() else None
+    return [f"data.packing={str(packing).lower()}"] if isinstance(packing, bool) else []
 
 
 def check_saved_overrides(config_name: str, argv: list[str]) -> None:

@@ -75,7 +75,12 @@ class ProteinDataModule(pl.LightningDataModule):
         packing: bool = False,
     ):
         super().__init__()
-        check_packing_options(packing, max_tokens, streaming)
+        if not isinstance(packing, bool) or isinstance(num_workers, bool) or not isinstance(num_workers, int):
+            raise ConfigError(
+                f"ProteinDataModule takes data.packing={packing!r} and data.num_workers={num_workers!r} resolved; "
+                "`auto` is resolved by the run plan: build it with protein_mlm.train.build_datamodule(cfg, plan)"
+            )
+        check_packing_options(packing, max_tokens, streaming, max_length)
         if streaming:
             check_streaming_options(val_path, max_tokens, cluster_map, tokens_per_update)
         if max_length < 3:

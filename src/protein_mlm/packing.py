@@ -1,10 +1,14 @@
 """Packed training batches: whole sequences laid end to end in `rows` rows of `row_tokens`, one fixed shape.
 
-No padding inside a row's sequences, so no FLOPs spent on pads, and one batch shape for the whole run (what
-`torch.compile` and CUDA graphs want). Attention never crosses a sequence boundary: each sequence is a segment
-of `cu_seqlens` (varlen flash attention on CUDA; a block-diagonal mask elsewhere, see attention.py); positions
-restart at every sequence; ESM's token dropout is computed per sequence, not per row. A row's unused tail is one
-segment of padding without targets.
+No padding inside a row's sequences, so no FLOPs spent on pads, and one token shape for the whole run (what
+`torch.compile` wants). Attention never crosses a sequence boundary: each sequence is a segment of `cu_seqlens`
+(varlen flash attention on CUDA; a block-diagonal mask elsewhere, see attention.py); positions restart at every
+sequence; ESM's token dropout is computed per sequence, not per row. A row's unused tail is one segment of padding
+without targets.
+
+`cu_seqlens` holds the batch's real segments only, rounded up to a bucket of `SEGMENT_BUCKET` with empty ones: flash
+kernels launch blocks for every segment, forward and backward, so a fixed worst-case length (a third of the tokens)
+cost 8x in attention on an H200. Its length is marked dynamic for `torch.compile`, so varying counts share one graph.
 """
 
 from collections.abc import Callable, Sequence
@@ -19,10 +23,22 @@ from .samplers import rank_share
 from .tokenizer import MASK_ID, PAD_ID
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM's token-dropout constant (the <mask> share of tokens in its training)
+SEGMENT_BUCKET = 64  # cu_seqlens grows in steps of this many segments: few distinct shapes, at most 63 empty ones
+MAX_SEGMENTS = 65_535  # flash attention launches a grid dimension per segment; CUDA caps it at 65,535
 
 
-def check_packing_options(packing: bool, max_tokens, streaming: bool) -> None:
+def max_sequences_per_batch(rows: int) -> int:
+    """Sequences one packed batch may hold so that they, the rows' tails and the bucket stay under MAX_SEGMENTS."""
+    return MAX_SEGMENTS - rows - (SEGMENT_BUCKET - 1)
+
+
+def check_packing_options(packing: bool, max_tokens, streaming: bool, max_length: int | None = None) -> None:
     """data.packing=true lays whole sequences into rows of data.max_length tokens, max_tokens of them per batch."""
+    if packing and max_tokens is not None and max_length and max_sequences_per_batch(max_tokens // max_length) < 1:
+        raise ConfigError(
+            f"data.packing=true: {max_tokens // max_length:,} rows of data.max_length per batch leave no room under "
+            f"flash attention's {MAX_SEGMENTS:,} segments; lower data.max_tokens or raise data.max_length"
+        )
     if packing and max_tokens is None:
         raise ConfigError(
             "data.packing=true needs data.max_tokens (tokens per packed batch); e.g. data.max_tokens=4096"
@@ -31,17 +47,22 @@ def check_packing_options(packing: bool, max_tokens, streaming: bool) -> None:
         raise ConfigError("data.packing=true needs every length up front; set data.streaming=false")
 
 
-def best_fit_rows(lengths: Sequence[int], rows: int, row_tokens: int) -> list[list[int]]:
+def best_fit_rows(lengths: Sequence[int], rows: int, row_tokens: int, max_items: int | None = None) -> list[list[int]]:
     """Positions of `lengths` placed in `rows` rows of `row_tokens`: longest first, each into the fullest row it
-    fits (best fit decreasing); a position that fits no row is left out. Deterministic (a stable sort), and placing
-    a subset of what it placed gives the same rows, so collate can rebuild a batch's rows from its lengths alone."""
+    fits (best fit decreasing), at most `max_items` of them; a position that fits no row is left out. Deterministic
+    (a stable sort), and placing a subset of what it placed gives the same rows, so collate can rebuild a batch's
+    rows from its lengths alone."""
     room, placed = [row_tokens] * rows, [[] for _ in range(rows)]
+    budget = len(lengths) if max_items is None else max_items
     for position in sorted(range(len(lengths)), key=lambda p: -lengths[p]):
+        if budget == 0:
+            break
         fits = [r for r in range(rows) if room[r] >= lengths[position]]
         if fits:
             row = min(fits, key=lambda r: room[r])
             placed[row].append(position)
             room[row] -= lengths[position]
+            budget -= 1
     return placed
 
 
@@ -80,9 +101,10 @@ class PackedBatches:
             take = self.window - len(waiting)
             waiting += order[next_item : next_item + take]
             next_item += take
-            chosen = {
-                p for row in best_fit_rows(self.lengths[waiting].tolist(), self.rows, self.row_tokens) for p in row
-            }
+            rows = best_fit_rows(
+                self.lengths[waiting].tolist(), self.rows, self.row_tokens, max_sequences_per_batch(self.rows)
+            )
+            chosen = {p for row in rows for p in row}
             batches.append(np.array([waiting[p] for p in sorted(chosen)]))
             waiting = [item for p, item in enumerate(waiting) if p not in chosen]
         self._cache = (epoch, batches)
@@ -120,9 +142,10 @@ def collate_packed(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: int,
         if start < row_tokens:  # the row's tail: one segment of padding, no targets
             segment_ids[row, start:] = len(segment_lengths)
             segment_lengths.append(row_tokens - start)
-    # A fixed length too (empty segments at the end), so every packed batch has the same shapes: compiled code and
-    # CUDA graphs run unchanged. Real sequences have >= 3 tokens (<cls>, a residue, <eos>); a row's tail adds one.
-    capacity = max(rows * (row_tokens // 3 + 1), len(segment_lengths))
+    # The real segments, then empty ones up to the bucket: few shapes for compiled code, little work for the kernel.
+    capacity = -(-len(segment_lengths) // SEGMENT_BUCKET) * SEGMENT_BUCKET
+    if capacity > MAX_SEGMENTS:
+        raise ValueError(f"{len(segment_lengths):,} segments exceed flash attention's {MAX_SEGMENTS:,}")
     cu_seqlens = torch.full((capacity + 1,), rows * row_tokens, dtype=torch.int32)
     cu_seqlens[0] = 0
     cu_seqlens[1 : len(segment_lengths) + 1] = torch.tensor(segment_lengths).cumsum(0)
@@ -132,7 +155,9 @@ def collate_packed(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: int,
         "position_ids": position_ids,
         "segment_ids": segment_ids,
         "cu_seqlens": cu_seqlens,
-        "max_seqlen": row_tokens,  # an upper bound is enough for flash attention, and a constant never recompiles
+        # A bound on every segment, row tails included (flash never writes past it). The row length is one constant:
+        # no recompiles, and blocks past a segment's end exit at once.
+        "max_seqlen": row_tokens,
         COUNTS_KEY: BatchCounts(sum(lengths), input_ids.numel(), sum(n * n for n in lengths)),
     }
 
@@ -153,6 +178,8 @@ def packed_embeddings(model, input_ids: torch.Tensor, segment_ids: torch.Tensor,
 def packed_logits(model, batch: dict[str, Any]) -> torch.Tensor:
     """`EsmForMaskedLM` logits of a packed batch; the module tree and weights are the model's own."""
     cu_seqlens = batch["cu_seqlens"]
+    if not torch.compiler.is_compiling():  # its length varies by batch: one dynamic graph, not one per bucket
+        torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
     sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).float()  # tokens per sequence (empty ones unused)
     position_ids = batch["position_ids"]
     if model.config.position_embedding_type == "absolute":  # ESM-1b's learned positions start after the pad id

@@ -2,6 +2,7 @@
 the schedule function and the plan table. Everything after the checks reads the `RunPlan` instead of `cfg`."""
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,11 +11,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .attention import varlen_available
 from .errors import ConfigError
 from .model import build_model, can_compile, count_parameters
 from .perf import cpu_flags, resolve_peak_tflops
 from .sweep import validation_steps
 
+AUTO_WORKERS = 4  # data.num_workers=auto on a GPU: loader processes per training process (scripts/loader_speed.py)
 COMPILE_MIN_STEPS = 100  # model.compile=auto: shorter runs rarely earn back a one-off compile of the layers
 
 
@@ -30,6 +33,8 @@ class RunPlan:
     schedule: Callable[[int], float]  # step -> LR multiplier
     peak_tflops: float | None  # the accelerator's peak at this precision, for MFU (None on CPUs unless configured)
     compile: bool  # model.compile, where this machine can compile
+    packing: bool  # data.packing, `auto` resolved (saved in the run's config.yaml, so a resume keeps its batches)
+    num_workers: int  # data.num_workers, `auto` resolved for this machine
 
 
 def resolve_compile(setting: bool | str, max_steps: int, on_gpu: bool) -> bool:
@@ -37,6 +42,25 @@ def resolve_compile(setting: bool | str, max_steps: int, on_gpu: bool) -> bool:
     if setting == "auto":
         return max_steps >= COMPILE_MIN_STEPS and can_compile(on_gpu, quiet=True)
     return bool(setting) and can_compile(on_gpu)
+
+
+def resolve_packing(setting: bool | str, on_gpu: bool, data: DictConfig, attention_dropout: float) -> bool:
+    """data.packing: true / false, or auto = on where varlen flash attention runs (a CUDA GPU, torch >= 2.9) and the
+    data allows it (a token budget, not streamed) - there packed rows measured faster than padded batches."""
+    if setting != "auto":
+        return bool(setting)
+    fits = data.get("max_tokens") is not None and not data.get("streaming") and attention_dropout == 0
+    return on_gpu and fits and varlen_available()
+
+
+def resolve_num_workers(setting: int | str, on_gpu: bool, devices: int) -> int:
+    """data.num_workers: a count, or auto = 0 on CPUs (the cores train), else up to AUTO_WORKERS per GPU process."""
+    if setting != "auto":
+        return int(setting)
+    if not on_gpu:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(AUTO_WORKERS, cores // max(devices, 1) - 1))
 
 
 def resolve(cfg: DictConfig) -> RunPlan:
@@ -55,6 +79,13 @@ def resolve(cfg: DictConfig) -> RunPlan:
         schedule=build_schedule(cfg),
         peak_tflops=resolve_peak_tflops(cfg.get("perf", {}).get("peak_tflops"), precision, on_gpu),
         compile=resolve_compile(cfg.model.get("compile", False), cfg.trainer.max_steps, on_gpu),
+        packing=resolve_packing(
+            cfg.data.get("packing", False),
+            on_gpu,
+            cfg.data,
+            cfg.model.architecture.get("attention_probs_dropout_prob", 0.0),
+        ),
+        num_workers=resolve_num_workers(cfg.data.get("num_workers", 0), on_gpu, num_devices(cfg.trainer)),
     )
 
 

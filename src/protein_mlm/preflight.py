@@ -31,8 +31,9 @@ VALUE_RULES: tuple[tuple[str, tuple, Any, str, str], ...] = (
     ("data.batch_size", (int,), lambda v: v >= 1, ">= 1", "data.batch_size=16"),
     ("data.val_fraction", (float,), lambda v: 0 <= v < 1, "in [0, 1)", "data.val_fraction=0.03"),
     ("data.mask_prob", (float,), lambda v: 0 < v < 1, "in (0, 1)", "data.mask_prob=0.15"),
-    ("data.num_workers", (int,), lambda v: v >= 0, ">= 0", "data.num_workers=2"),
+    ("data.num_workers", (int,), lambda v: v >= 0, ">= 0 or auto", "data.num_workers=2"),
 )
+AUTO_ALLOWED = {"data.num_workers"}  # keys whose value may also be `auto` (resolved in plan.py)
 
 
 def _type_ok(value: Any, types: tuple) -> bool:
@@ -47,7 +48,7 @@ def check_values(cfg: DictConfig) -> None:
     """Each VALUE_RULES key has its type and range; the message names the key, the value and an example."""
     for key, types, valid, requirement, example in VALUE_RULES:
         value = OmegaConf.select(cfg, key, default="<absent>")
-        if isinstance(value, str) and value == "<absent>":
+        if isinstance(value, str) and (value == "<absent>" or (value == "auto" and key in AUTO_ALLOWED)):
             continue
         kind = " or ".join("null" if t is None else t.__name__ for t in types)
         if not _type_ok(value, types):
@@ -56,6 +57,8 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be {requirement}; e.g. {example}")
     if cfg.model.get("compile", False) not in (True, False, "auto"):
         raise ConfigError(f"model.compile={cfg.model.compile!r} must be true, false or auto; e.g. model.compile=auto")
+    if cfg.data.get("packing", False) not in (True, False, "auto"):
+        raise ConfigError(f"data.packing={cfg.data.packing!r} must be true, false or auto; e.g. data.packing=auto")
     data = cfg.data
     if data.get("max_tokens") is not None and data.max_tokens < data.max_length:
         raise ConfigError(
@@ -166,8 +169,9 @@ def _check(cfg: DictConfig) -> RunPlan:
             "trainer.accelerator=cpu"
         )
     data = cfg.data
-    check_packing_options(data.get("packing", False), data.max_tokens, data.get("streaming", False))
-    if data.get("packing") and cfg.model.architecture.get("attention_probs_dropout_prob", 0.0) > 0:
+    packing = data.get("packing", False) is True  # `auto` picks packing only where its rules hold (plan.py)
+    check_packing_options(packing, data.max_tokens, data.get("streaming", False), data.max_length)
+    if packing and cfg.model.architecture.get("attention_probs_dropout_prob", 0.0) > 0:
         raise ConfigError(
             "data.packing=true needs model.architecture.attention_probs_dropout_prob=0.0 (ESM-2 trains without it)"
         )

@@ -46,8 +46,13 @@ def build_module(cfg: DictConfig, plan: RunPlan) -> MaskedLMModule:
         init_from=cfg.model.get("init_from"),
         activation_checkpointing=cfg.model.get("activation_checkpointing", False),
         compile=plan.compile,
-        static_shapes=cfg.data.get("packing", False),
+        static_shapes=plan.packing,
     )
+
+
+def build_datamodule(cfg: DictConfig, plan: RunPlan):
+    """The configured DataModule with the plan's resolution of `auto` values."""
+    return instantiate(cfg.data, packing=plan.packing, num_workers=plan.num_workers)
 
 
 def unused_path(path: Path) -> Path:
@@ -94,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_num_threads(cfg.num_threads)
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
+    cfg.data.packing, cfg.data.num_workers = plan.packing, plan.num_workers  # config.yaml records what ran
     main_process = is_rank_zero()  # only rank 0 writes the run dir's files and prints; every rank trains
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +107,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if main_process and cfg.get("print_config", True):
         print_config_tree(cfg)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg, plan)
     if cfg.get("plan_only"):  # the resolved plan alone: no model is built (3B parameters take 12 GB), nothing runs
         datamodule.setup()
         if main_process:
