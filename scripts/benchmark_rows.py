@@ -20,6 +20,7 @@ OURS = {  # row -> overrides on top of the training config's defaults
     "ours_packed": ["data.packing=true"],
     "ours_packed_compile": ["data.packing=true", "model.compile=true"],
     "ours_packed_fast": ["data.packing=true", "model.compile=true", "model.fast_layers=true"],
+    "ours_eager_fast": ["model.compile=false", "model.fast_layers=true"],
 }
 HF = {  # row -> TrainingArguments that differ
     "hf": dict(bf16=False, train_sampling_strategy="random"),

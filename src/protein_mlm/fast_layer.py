@@ -7,6 +7,11 @@ Q/K/V matmul (weights concatenated per forward, the parameters stay three `nn.Li
 activation dtype, the query scaling inside the attention kernel and PyTorch's exact-erf GELU. It subclasses
 `EsmLayer` and keeps its module tree, so `state_dict` keys, Hugging Face exports, FSDP's per-layer wrapping,
 gradient checkpointing and transformers' hidden-state capture all stay as they are.
+
+Measured on one H200 (torch 2.11, transformers 5.17; six esm2_150m-shaped layers, bf16 autocast, forward +
+backward): eager 101 -> 74 ms per packed batch of 64 x 1024 tokens, 107 -> 80 ms per padded 128 x ~512; compiled
+per layer (model.compile) 50 ms either way, Inductor already fusing what this saves. bf16 error against fp32
+logits and gradients: the same as EsmLayer's (1.2% / 0.9% relative L2).
 """
 
 import torch
