@@ -12,7 +12,7 @@ from transformers.models.esm.modeling_esm import EsmLayer
 from protein_mlm.errors import ConfigError
 from protein_mlm.fast_layer import FastEsmLayer, make_fast
 from protein_mlm.masking import collate, mask_tokens
-from protein_mlm.model import build_model
+from protein_mlm.model import build_model, esm_config
 from protein_mlm.module import MaskedLMModule
 from protein_mlm.packing import collate_packed, packed_logits
 from tests.conftest import compose_config
@@ -230,3 +230,8 @@ def test_switch_flows_from_the_config_and_refuses_what_it_cannot_compute():
     assert all(isinstance(layer, FastEsmLayer) for layer in module.model.esm.encoder.layer)
     with pytest.raises(ConfigError, match="attn_implementation: sdpa"):
         build_model({**TINY_ARCH, "attn_implementation": "eager"}, fast_layers=True)
+    with pytest.raises(ConfigError, match="attn_implementation: sdpa"):
+        FastEsmLayer(esm_config({**TINY_ARCH, "attn_implementation": "eager"}))
+    assert (
+        FastEsmLayer(esm_config(TINY_ARCH)).state_dict().keys() == EsmLayer(esm_config(TINY_ARCH)).state_dict().keys()
+    )
