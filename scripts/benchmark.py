@@ -13,6 +13,7 @@ clock starts for every row. Rows:
   ours_fp32 / ours_bf16 / ours_compile / ours_eager / ours_16k   ours with 32-true / bf16-mixed / model.compile=true /
             model.compile=false / max_tokens 16384
   ours_packed / ours_packed_compile   ours with data.packing=true (fixed-shape packed rows), and model.compile
+  ours_packed_fast / ours_eager_fast   ours_packed_compile / ours_eager with model.fast_layers=true (FastEsmLayer)
   bare      a plain PyTorch loop over ours' batches: the same model, fused AdamW, clipping and LambdaLR; no
             Lightning, no callbacks, no logging (the framework-overhead reference)
 The table (markdown) goes to stdout and to --out (default benchmarks/results-<device>.md).

@@ -19,6 +19,8 @@ OURS = {  # row -> overrides on top of the training config's defaults
     "ours_16k": ["data.max_tokens=16384"],
     "ours_packed": ["data.packing=true", "model.compile=false"],
     "ours_packed_compile": ["data.packing=true", "model.compile=true"],
+    "ours_packed_fast": ["data.packing=true", "model.compile=true", "model.fast_layers=true"],
+    "ours_eager_fast": ["model.compile=false", "model.fast_layers=true"],
 }
 HF = {  # row -> TrainingArguments that differ
     "hf": dict(bf16=False, train_sampling_strategy="random"),

@@ -10,6 +10,7 @@ import torch
 from transformers import EsmConfig, EsmForMaskedLM
 
 from . import attention
+from .fast_layer import use_fast_layers
 from .tokenizer import MASK_ID, PAD_ID, VOCAB
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,16 @@ def esm_config(architecture: dict[str, Any]) -> EsmConfig:
 
 
 def build_model(
-    architecture: dict[str, Any], device: str | torch.device | None = None, activation_checkpointing: bool = False
+    architecture: dict[str, Any],
+    device: str | torch.device | None = None,
+    activation_checkpointing: bool = False,
+    fast_layers: bool = False,
 ) -> EsmForMaskedLM:
     """A freshly initialised ESM masked-LM; `device="meta"` builds the shape only (free, for counting)."""
     with torch.device(device or "cpu"):
         model = EsmForMaskedLM(esm_config(architecture))
+    if fast_layers:  # the same layers and weights with a faster forward (fast_layer.py)
+        use_fast_layers(model)
     if activation_checkpointing:  # keep only each layer's input; recompute the rest in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # The contact-prediction head gets no gradient from MLM: freezing it keeps the HF checkpoint layout

@@ -50,11 +50,14 @@ class MaskedLMModule(pl.LightningModule):
         activation_checkpointing: bool = False,
         compile: bool = False,
         static_shapes: bool = False,
+        fast_layers: bool = False,
     ):
         super().__init__()
         # Only plain containers go into the checkpoint, so it loads with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optimizer", "schedule"])
-        self.model = build_model(architecture, activation_checkpointing=activation_checkpointing)
+        self.model = build_model(
+            architecture, activation_checkpointing=activation_checkpointing, fast_layers=fast_layers
+        )
         if init_from:  # continue pretraining from a Hugging Face ESM directory (e.g. an export)
             load_pretrained_into(self.model, init_from)
         if compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model

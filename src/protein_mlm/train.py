@@ -47,6 +47,7 @@ def build_module(cfg: DictConfig, plan: RunPlan) -> MaskedLMModule:
         activation_checkpointing=cfg.model.get("activation_checkpointing", False),
         compile=plan.compile,
         static_shapes=plan.packing,
+        fast_layers=cfg.model.get("fast_layers", False),
     )
 
 
