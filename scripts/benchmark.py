@@ -55,6 +55,10 @@ def run_row(args) -> None:
         result = run_bare(args.model, args.max_length, clock, args.set)
     else:
         result = run_ours(args.row, args.model, args.max_length, clock, args.set)
+    from torch._dynamo.utils import counters
+
+    result["graphs"] = counters["stats"]["unique_graphs"]  # compiled graphs (0 when eager)
+    result["graph_breaks"] = sum(counters["graph_break"].values())
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     print("RESULT " + json.dumps(result), flush=True)
@@ -169,6 +173,7 @@ def merge(total: dict | None, new: dict) -> dict:
     if "error" in total:
         return total  # one failed round marks the row failed
     merged = {k: total[k] + new[k] for k in ("steps", "seconds", "real", "padded", "squares")}
+    merged.update({k: max(total.get(k, 0), new.get(k, 0)) for k in ("graphs", "graph_breaks")})
     for k in ("peak_rss_gib", "peak_gpu_gib"):
         merged[k] = max(total[k], new[k]) if total[k] is not None else None
     merged["real_per_s"] = merged["real"] / merged["seconds"]

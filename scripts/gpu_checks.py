@@ -1,15 +1,18 @@
-"""The GPU checks, in order of value, each result written to --out as soon as it is measured (one run, < 8 min).
+"""The GPU checks as a gate: one command, an overall deadline, a time budget per check, checks in order of value.
 
-    python scripts/gpu_checks.py --out $OUT            # on the GPU machine (see docs/performance.md for setup)
-    python scripts/gpu_checks.py --out /tmp/x --quick  # the same code paths on a CPU with the tiny model
+    python scripts/gpu_checks.py --out $OUT            # on the GPU machine (scripts/gpu_setup.sh run $OUT)
+    python scripts/gpu_checks.py --out /tmp/x --quick  # the same code on a CPU with the tiny model
 
-1. sync: 20 packed training steps through Trainer.fit with `torch.cuda.set_sync_debug_mode("error")` on every
-   step that does not read the logs: any host sync there raises, and its traceback is the result.
-2. bench: scripts/benchmark.py rows ours_packed and ours_packed_compile for esm2_650m, then esm2_150m, at the
-   largest token budget that fits (MFU from per-sequence sum of n^2, peak memory, warm-up incl. compile time).
-3. attention: bf16 varlen flash attention vs the block-diagonal reference path, forward and backward.
-4. fsdp: trainer=fsdp on one GPU for 20 steps with a checkpoint, a resume to 30 steps, an HF export.
-5. loss: 100 steps packed + compiled vs eager padded: the last 20 steps' mean loss within 5e-3 relative.
+Each result is appended to OUT/summary.md as soon as it is measured: check, measured, threshold, pass/fail, under a
+header with the torch / transformers / Lightning / CUDA versions and the attention path packed batches take.
+1. sync: packed esm2_150m updates through Trainer.fit with `set_sync_debug_mode("error")` on non-logging steps.
+2. attention: training-shaped cu_seqlens from collate_packed (row tails, bucket) through varlen flash vs the
+   block-diagonal reference (values, gradients zeroed between paths), and its time vs the same tokens in compact
+   segments (no bucket, exact max_seqlen).
+3. throughput: scripts/benchmark.py rows, esm2_150m ours_packed compiled, hf_tuned, ours_packed eager, then
+   esm2_650m compiled and hf_tuned; MFU and x hf_tuned, compiled-graph counts.
+4. loss: packed eager vs packed compiled on identical batches: mean loss of steps 31-50 within 2e-3 relative.
+5. fsdp: trainer=fsdp on the one GPU vs trainer=gpu: the first 10 losses within 1e-2 relative.
 """
 
 import argparse
@@ -23,26 +26,79 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TARGET_MFU = {"esm2_150m": 0.25, "esm2_650m": 0.40}  # issue targets on an H200
+TARGET_X_HF = {"esm2_150m": 2.5, "esm2_650m": 2.0}
 
 
-def write(out: Path, name: str, result) -> None:
-    (out / name).write_text(result if isinstance(result, str) else json.dumps(result, indent=1))
-    print(f"== {name}: {str(result)[:400]}", flush=True)
+class Summary:
+    """OUT/summary.md, one table row appended per result (a run cut short keeps what it measured)."""
+
+    def __init__(self, out: Path, header: list[str]):
+        self.path = out / "summary.md"
+        self.path.write_text(
+            "\n".join([*header, "", "| check | measured | threshold | result |", "|---|---|---|---|", ""])
+        )
+
+    def add(self, check: str, measured: str, threshold: str, passed: bool | None) -> None:
+        verdict = {True: "pass", False: "**FAIL**", None: "info"}[passed]
+        with self.path.open("a") as f:
+            f.write(f"| {check} | {measured} | {threshold} | {verdict} |\n")
+        print(f"== {check}: {measured} [{threshold}] {verdict}", flush=True)
 
 
-def train_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides], capture_output=True, text=True, timeout=timeout
-    )
+def header(quick: bool) -> list[str]:
+    """Versions and the attention path, first in the summary."""
+    import pytorch_lightning
+    import torch
+    import transformers
+
+    from protein_mlm import attention
+
+    cuda = torch.version.cuda if torch.cuda.is_available() else "none"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    if torch.cuda.is_available():
+        probe = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+        kernel = attention.varlen_kernel(probe, probe)
+        path = f"varlen flash ({kernel.__module__}.{kernel.__name__})" if kernel else "block-diagonal SDPA reference"
+    else:
+        path = "block-diagonal SDPA reference (CPU)"
+    return [
+        f"# GPU checks{' (--quick, CPU)' if quick else ''}: {device}",
+        "",
+        f"torch {torch.__version__}, CUDA {cuda}, transformers {transformers.__version__}, "
+        f"Lightning {pytorch_lightning.__version__}; packed attention: {path}",
+        f"Command: `python scripts/gpu_checks.py {' '.join(sys.argv[1:])}`",
+    ]
 
 
-def check_sync(out: Path, quick: bool) -> None:
-    """Every non-logging step free of host syncs: set_sync_debug_mode('error') raises at the first one."""
+def run_child(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """A Python child with a hard time limit (a hung check costs its budget, not the run)."""
+    try:
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return subprocess.CompletedProcess(args, 124, "", f"timed out after {timeout:.0f} s\n{stderr[-2000:]}")
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def check_sync(summary: Summary, quick: bool, budget: float) -> None:
+    """No host sync on the non-logging steps of 20 packed updates (in a child, under the budget)."""
+    result = run_child([__file__, "--inner", "sync", *(["--quick"] if quick else [])], budget)
+    ok = result.returncode == 0 and "SYNC-OK" in result.stdout
+    measured = "no sync on non-logging steps" if ok else last_line(result.stderr + result.stdout)
+    summary.add("sync (20 packed updates, esm2_150m)", measured, "0 syncs", ok if not quick else None)
+
+
+def inner_sync(quick: bool) -> None:
     import pytorch_lightning as pl
     import torch
-    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    from protein_mlm.preflight import check_config
     from protein_mlm.train import train
 
     class SyncGuard(pl.Callback):
@@ -55,152 +111,268 @@ def check_sync(out: Path, quick: bool) -> None:
             if torch.cuda.is_available():
                 torch.cuda.set_sync_debug_mode("default")
 
-    model = "tiny" if quick else "esm2_150m"
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={model}", "data.packing=true", "trainer.max_steps=20"])
+    cfg = compose(
+        "tiny" if quick else "esm2_150m",
+        ["data.packing=true", "trainer.max_steps=20", "model.compile=false", "trainer.val_check_interval=1000"],
+    )
     with open_dict(cfg):
         cfg.trainer.log_every_n_steps = 10
-        cfg.trainer.val_check_interval = 1000
         cfg.callbacks.progress_bar = None
-        cfg.paths.output_dir = str(out / "sync-run")
-        cfg.paths.cache_dir = str(ROOT / ".cache" / "data")
+        cfg.paths.output_dir = str(Path(os.environ["GPU_CHECKS_OUT"]) / "sync-run")
+    check_config(cfg)
     trainer_init = pl.Trainer.__init__
 
     def with_guard(self, *args, callbacks=None, **kwargs):
         trainer_init(self, *args, callbacks=[*(callbacks or []), SyncGuard()], **kwargs)
 
     pl.Trainer.__init__ = with_guard
-    try:
-        train(cfg)
-        write(out, "1-sync.txt", "ok: no host sync on the non-logging steps of 20 packed updates")
-    except Exception:
-        write(out, "1-sync.txt", traceback.format_exc()[-6000:])
-    finally:
-        pl.Trainer.__init__ = trainer_init
+    train(cfg)
+    print("SYNC-OK", flush=True)
 
 
-def check_bench(out: Path, quick: bool) -> None:
-    """Packed rows, eager and compiled, at token budgets sized from the earlier peak (650M: 48 GiB at 16k)."""
-    runs = [("tiny", 4096)] if quick else [("esm2_650m", 40960), ("esm2_150m", 65536)]
-    for model, tokens in runs:
-        result = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "benchmark.py"),
-                f"--model={model}",
-                "--rows=ours_packed,ours_packed_compile",
-                f"--seconds={5 if quick else 25}",
-                "--warmup-steps=3" if quick else "--warmup-steps=6",
-                "--max-length=1024",
-                f"--out={out / f'2-bench-{model}.md'}",
-                "--set",
-                f"data.max_tokens={tokens}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if result.returncode:
-            write(out, f"2-bench-{model}-error.txt", result.stderr[-4000:])
+def compose(model: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    cache = f"paths.cache_dir={ROOT / '.cache' / 'data'}"
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("train", overrides=[f"model={model}", cache, *overrides])
 
 
-def check_attention(out: Path, quick: bool) -> None:
-    """bf16 varlen flash attention against the block-diagonal reference, values and gradients."""
+def training_shaped_batch(rows: int, row_tokens: int, seed: int = 0):
+    """A packed batch as training makes it: sequences of bundled-like lengths, row tails, the segment bucket."""
+    import numpy as np
+
+    from protein_mlm.masking import mask_tokens
+    from protein_mlm.packing import best_fit_rows, collate_packed
+
+    rng = np.random.default_rng(seed)
+    residues = np.clip(rng.lognormal(5.7, 0.6, size=rows * 8), 30, row_tokens - 2).astype(int)
+    keep = sorted({p for row in best_fit_rows((residues + 2).tolist(), rows, row_tokens) for p in row})
+    return collate_packed([mask_tokens(rng.integers(4, 24, size=n), rng) for n in residues[keep]], rows, row_tokens)
+
+
+def check_attention(summary: Summary, quick: bool, budget: float) -> None:
+    """varlen flash on a training-shaped batch: values and gradients vs the reference, time vs compact segments."""
     import torch
 
-    from protein_mlm.attention import _varlen_function, block_diagonal_attention, varlen_attention
+    from protein_mlm import attention
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" or _varlen_function() is None:
-        write(out, "3-attention.json", {"skipped": f"device {device}, varlen {_varlen_function() is not None}"})
+    if not torch.cuda.is_available():
+        summary.add("attention", "skipped: no CUDA", "-", None)
         return
+    rows, row_tokens, heads, dim = 64, 1024, 20, 32  # esm2_150m's heads at 65,536 tokens
+    batch = training_shaped_batch(rows, row_tokens)
+    cu, segment_ids = batch["cu_seqlens"].cuda(), batch["segment_ids"].cuda()
+    sizes = cu.diff()
+    compact = torch.cat([cu[:1], cu[1:][sizes > 0]])  # the same tokens, no empty segments
+    exact_max = int(sizes.max())
     torch.manual_seed(0)
-    lengths = [1, 37, 300, 1024, 500, 186, 2048 - 1 - 37 - 300 - 1024 - 500 - 186]
-    segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(device)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32)
-    q, k, v = (torch.randn(1, 20, 2048, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    results = {}
-    outputs = {}
-    for name, fn in (
-        ("varlen", lambda: varlen_attention(q * 0.125, k, v, cu, 1024, 1.0)),
-        ("reference", lambda: block_diagonal_attention(q * 0.125, k, v, segment_ids, 1.0)),
-    ):
-        o = fn()
-        o.float().square().sum().backward()
-        outputs[name] = (o.detach().float(), q.grad.float().clone())
-        q.grad = k.grad = v.grad = None
+    q, k, v = (torch.randn(rows, heads, row_tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    scale = dim**-0.5
+    paths = {
+        "training": lambda: attention.varlen_attention(q, k, v, cu, row_tokens, scale),
+        "compact": lambda: attention.varlen_attention(q, k, v, compact, exact_max, scale),
+        "reference": lambda: attention.block_diagonal_attention(q, k, v, segment_ids, scale),
+    }
+    grads, outputs, times = {}, {}, {}
+    for name, fn in paths.items():
+        out = fn()
+        out.float().square().sum().backward()
+        outputs[name], grads[name] = out.detach().float(), [x.grad.float().clone() for x in (q, k, v)]
+        for x in (q, k, v):
+            x.grad = None
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(10):
             fn().float().square().sum().backward()
+            for x in (q, k, v):
+                x.grad = None
         torch.cuda.synchronize()
-        results[f"{name}_ms_fwd_bwd"] = (time.perf_counter() - start) * 100
-    (o1, g1), (o2, g2) = outputs["varlen"], outputs["reference"]
-    results["max_abs_out"] = (o1 - o2).abs().max().item()
-    results["max_rel_grad"] = ((g1 - g2).abs().max() / g2.abs().max()).item()
-    write(out, "3-attention.json", results)
-
-
-def check_fsdp(out: Path, quick: bool) -> None:
-    """trainer=fsdp on one GPU: 20 steps with a checkpoint, a resume to 30, an HF export that loads."""
-    run_dir = out / "fsdp-run"
-    common = ["experiment=smoke", "trainer.max_steps=20", "trainer.val_check_interval=10", f"hydra.run.dir={run_dir}"]
-    strategy = ["trainer=cpu"] if quick else ["trainer=fsdp", "trainer.devices=1"]
-    log = []
-    first = train_cli(*common, *strategy)
-    log.append(f"first: exit {first.returncode} {first.stderr[-1500:]}")
-    second = train_cli(f"resume={run_dir}", "trainer.max_steps=30")
-    log.append(f"resume: exit {second.returncode} {second.stderr[-1500:]}")
-    export = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "export_hf.py"), str(run_dir), str(out / "fsdp-export")],
-        capture_output=True,
-        text=True,
+        times[name] = (time.perf_counter() - start) * 100  # ms per forward + backward
+    ref_out, ref_grads = outputs["reference"], grads["reference"]
+    out_err = ((outputs["training"] - ref_out).abs().max() / ref_out.abs().max()).item()
+    grad_err = max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads["training"], ref_grads))
+    segments = f"{len(cu) - 1} segments ({len(compact) - 1} real)"
+    summary.add("attention values vs reference (bf16, rel. to max)", f"{out_err:.2e}", "<= 1e-2", out_err <= 1e-2)
+    summary.add("attention gradients vs reference (bf16)", f"{grad_err:.2e}", "<= 2e-2", grad_err <= 2e-2)
+    ratio = times["training"] / times["compact"]
+    summary.add(
+        "attention time, training-shaped vs compact",
+        f"{times['training']:.2f} vs {times['compact']:.2f} ms = {ratio:.2f}x; {segments}; reference "
+        f"{times['reference']:.2f} ms",
+        "<= 1.3x",
+        ratio <= 1.3,
     )
-    log.append(f"export: exit {export.returncode} {export.stdout[-300:]} {export.stderr[-1500:]}")
-    if export.returncode == 0:
-        from transformers import EsmForMaskedLM
-
-        model = EsmForMaskedLM.from_pretrained(out / "fsdp-export")
-        log.append(f"loaded: {sum(p.numel() for p in model.parameters())} parameters")
-    write(out, "4-fsdp.txt", "\n".join(log))
 
 
-def check_loss(out: Path, quick: bool) -> None:
-    """Packed + compiled vs eager padded, same seed and schedule: mean loss of the last 20 of 100 steps."""
+def benchmark(model: str, rows: str, tokens: int, batch_size: int, quick: bool, out: Path, budget: float) -> dict:
+    """scripts/benchmark.py rows (each its own process); their JSON results, or an error."""
+    json_path = out / f"bench-{model}.json"
+    args = [
+        str(ROOT / "scripts" / "benchmark.py"),
+        f"--model={model}",
+        f"--rows={rows}",
+        f"--seconds={3 if quick else 10}",
+        f"--warmup-steps={2 if quick else 4}",
+        "--max-length=1024" if not quick else "--max-length=128",
+        f"--batch-size={batch_size}",
+        f"--out={out / f'bench-{model}.md'}",
+        "--set",
+        f"data.max_tokens={tokens}",
+    ]
+    result = run_child(args, budget)
+    if not json_path.is_file():
+        return {"error": last_line(result.stderr) or f"exit {result.returncode}"}
+    return json.loads(json_path.read_text())
+
+
+def check_throughput(summary: Summary, quick: bool, budget: float, out: Path) -> None:
+    """MFU and speed-up over hf_tuned per model; compiled-graph counts per row."""
+    from protein_mlm.perf import flops_per_step
+
+    plans = [("tiny", 4096, 16)] if quick else [("esm2_150m", 65536, 64), ("esm2_650m", 40960, 32)]
+    rows = {"esm2_150m": "ours_packed_compile,hf_tuned,ours_packed", "esm2_650m": "ours_packed_compile,hf_tuned"}
+    deadline = time.monotonic() + budget
+    for model, tokens, batch_size in plans:
+        left = deadline - time.monotonic()
+        if left < 30:
+            summary.add(f"throughput {model}", "skipped: out of time", "-", None)
+            continue
+        data = benchmark(model, rows.get(model, "ours_packed_compile,hf_tuned"), tokens, batch_size, quick, out, left)
+        if "error" in data:
+            summary.add(f"throughput {model}", f"failed: {data['error']}", "-", False)
+            continue
+        arch = dict(compose(model, []).model.architecture)
+        from protein_mlm.model import build_model
+
+        params = sum(p.numel() for p in build_model(arch, device="meta").parameters() if p.requires_grad)
+        hf = data["rows"].get("hf_tuned", {}).get("real_per_s")
+        for row, r in data["rows"].items():
+            if "error" in r:
+                summary.add(f"{model} {row}", f"failed: {r['error']}", "-", False)
+                continue
+            peak = data["peaks"].get("32-true" if row == "hf" else "bf16-mixed") or 0
+            flops = flops_per_step(params, arch["num_hidden_layers"], arch["hidden_size"], r["real"], r["squares"])
+            mfu = flops / r["seconds"] / (peak * 1e12) if peak else 0.0
+            x_hf = f", {r['real_per_s'] / hf:.2f}x hf_tuned" if hf and row != "hf_tuned" else ""
+            graphs = f", {r.get('graphs', 0)} graphs / {r.get('graph_breaks', 0)} breaks"
+            measured = (
+                f"{r['real_per_s']:,.0f} real tok/s, MFU {mfu:.1%}{x_hf}{graphs}, {r['peak_gpu_gib'] or 0:.0f} GiB"
+            )
+            if row == "ours_packed_compile" and model in TARGET_MFU and hf:
+                target = f"MFU >= {TARGET_MFU[model]:.0%}, >= {TARGET_X_HF[model]}x hf_tuned"
+                passed = mfu >= TARGET_MFU[model] and r["real_per_s"] / hf >= TARGET_X_HF[model]
+                summary.add(f"throughput {model} {row}", measured, target, passed)
+            else:
+                summary.add(f"throughput {model} {row}", measured, "-", None)
+
+
+def check_loss(summary: Summary, quick: bool, budget: float) -> None:
+    """Packed eager vs packed compiled, identical batches (same seed and data): steps 31-50 mean loss."""
+    result = run_child([__file__, "--inner", "loss", *(["--quick"] if quick else [])], budget)
+    line = next((x for x in result.stdout.splitlines() if x.startswith("LOSS ")), None)
+    if line is None:
+        summary.add("loss: packed eager vs compiled", f"failed: {last_line(result.stderr)}", "<= 2e-3 rel.", False)
+        return
+    means = json.loads(line[5:])
+    diff = abs(means["compiled"] - means["eager"]) / means["eager"]
+    measured = f"{means['eager']:.4f} vs {means['compiled']:.4f} (rel. {diff:.1e}), {means['graphs']} graphs"
+    summary.add("loss: packed eager vs compiled, steps 31-50", measured, "<= 2e-3 rel.", diff <= 2e-3)
+
+
+def inner_loss(quick: bool) -> None:
+    from omegaconf import open_dict
+    from torch._dynamo.utils import counters
+
     from protein_mlm.tblog import read_scalars
+    from protein_mlm.train import train
 
-    steps = 30 if quick else 100
-    model = "model=tiny" if quick else "model=esm2_35m"
-    base = [model, f"trainer.max_steps={steps}", "trainer.val_check_interval=1000"]
-    means = {}
-    for name, extra in (("padded", []), ("packed_compiled", ["data.packing=true", "model.compile=true"])):
-        run_dir = out / f"loss-{name}"
-        result = train_cli(*base, *extra, f"hydra.run.dir={run_dir}", timeout=400)
-        if result.returncode:
-            write(out, f"5-loss-{name}-error.txt", result.stderr[-3000:])
-            return
+    means, steps = {}, 30 if quick else 50  # --quick: steps 11-30 (a CPU compiles and trains slowly)
+    for name, compile in (("eager", "false"), ("compiled", "true")):
+        cfg = compose(
+            "tiny" if quick else "esm2_8m",
+            [
+                "data.packing=true",
+                "data.max_tokens=16384" if not quick else "data.max_tokens=2048",
+                f"trainer.max_steps={steps}",
+                "trainer.val_check_interval=1000",
+                f"model.compile={compile}",
+                "print_config=false",
+            ],
+        )
+        run_dir = Path(os.environ["GPU_CHECKS_OUT"]) / f"loss-{name}"
+        with open_dict(cfg):
+            cfg.callbacks.progress_bar = None
+            cfg.paths.output_dir = str(run_dir)
+        train(cfg)
         losses = dict(read_scalars(run_dir)["train/loss"])
         means[name] = sum(losses[s] for s in range(steps - 20, steps)) / 20
-    means["relative_difference"] = abs(means["packed_compiled"] - means["padded"]) / means["padded"]
-    write(out, "5-loss.json", means)
+    means["graphs"] = counters["stats"]["unique_graphs"]
+    print("LOSS " + json.dumps(means), flush=True)
+
+
+def check_fsdp(summary: Summary, quick: bool, budget: float, out: Path) -> None:
+    """trainer=fsdp on one GPU against trainer=gpu: the same first 10 losses (the sharded step is the plain one)."""
+    from protein_mlm.tblog import read_scalars
+
+    if quick:
+        summary.add("fsdp", "skipped: Lightning's FSDP needs a GPU", "-", None)
+        return
+    losses = {}
+    for name in ("gpu", "fsdp"):
+        run_dir = out / f"fsdp-{name}"
+        overrides = ["experiment=smoke", "trainer.max_steps=10", "trainer.val_check_interval=10", "data.packing=false"]
+        result = run_child(
+            [str(ROOT / "train.py"), *overrides, f"trainer={name}", "trainer.devices=1", f"hydra.run.dir={run_dir}"],
+            budget / 2,
+        )
+        if result.returncode:
+            summary.add(f"fsdp: trainer={name}", f"failed: {last_line(result.stderr)}", "exit 0", False)
+            return
+        losses[name] = [v for _, v in sorted(read_scalars(run_dir)["train/loss"])][:10]
+    diff = max(abs(a - b) / abs(b) for a, b in zip(losses["fsdp"], losses["gpu"]))
+    summary.add("fsdp vs gpu: first 10 losses", f"max rel. diff {diff:.1e}", "<= 1e-2", diff <= 1e-2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
+    parser.add_argument("--out", type=Path, help="folder for summary.md and the raw results")
     parser.add_argument("--quick", action="store_true", help="tiny models, short runs (checks the script on a CPU)")
-    parser.add_argument("--only", default="sync,bench,attention,fsdp,loss", help="comma-separated checks")
+    parser.add_argument("--deadline", type=float, default=420, help="seconds for all checks; later ones are skipped")
+    parser.add_argument("--only", default="sync,attention,throughput,loss,fsdp", help="comma-separated checks")
+    parser.add_argument("--inner", help=argparse.SUPPRESS)  # internal: one check's work in a child process
     args = parser.parse_args()
+    if args.inner:
+        return {"sync": inner_sync, "loss": inner_loss}[args.inner](args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    checks = {"sync": check_sync, "bench": check_bench, "attention": check_attention, "fsdp": check_fsdp}
-    checks["loss"] = check_loss
+    os.environ["GPU_CHECKS_OUT"] = str(args.out.resolve())
+    budgets = {"sync": 60, "attention": 30, "throughput": 300, "loss": 60, "fsdp": 60}  # seconds, at most
+    if args.quick:
+        budgets = {k: v * 3 for k, v in budgets.items()}  # a 2-core CPU compiles and trains slower
+    checks = {
+        "sync": lambda b: check_sync(summary, args.quick, b),
+        "attention": lambda b: check_attention(summary, args.quick, b),
+        "throughput": lambda b: check_throughput(summary, args.quick, b, args.out),
+        "loss": lambda b: check_loss(summary, args.quick, b),
+        "fsdp": lambda b: check_fsdp(summary, args.quick, b, args.out),
+    }
+    summary = Summary(args.out, header(args.quick))
+    deadline = time.monotonic() + args.deadline * (3 if args.quick else 1)
     for name in args.only.split(","):
-        start = time.perf_counter()
+        left = deadline - time.monotonic()
+        if left < 15:
+            summary.add(name, "skipped: overall deadline reached", "-", None)
+            continue
+        start = time.monotonic()
         try:
-            checks[name](args.out, args.quick)
+            checks[name](min(budgets[name], left))
         except Exception:
-            write(args.out, f"{name}-crash.txt", traceback.format_exc()[-4000:])
-        print(f"   ({name}: {time.perf_counter() - start:.0f} s)", flush=True)
+            summary.add(name, "crashed: " + traceback.format_exc().strip().splitlines()[-1][:300], "-", False)
+            (args.out / f"{name}-crash.txt").write_text(traceback.format_exc())
+        print(f"   ({name}: {time.monotonic() - start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # the rest of this project's dependencies (and no network): carry them as wheels.
 #
 #   scripts/gpu_setup.sh download        # here, with network: wheels for Python 3.12 into .whl/ (git-ignored)
-#   scripts/gpu_setup.sh run OUT_DIR     # there: install the wheels into /tmp/site, then run every check
+#   scripts/gpu_setup.sh run OUT_DIR [ARGS]  # there: install the wheels into /tmp/site, run gpu_checks.py ARGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
@@ -23,10 +23,11 @@ download)
   ls .whl
   ;;
 run)
-  out="${2:?usage: scripts/gpu_setup.sh run OUT_DIR}"
+  out="${2:?usage: scripts/gpu_setup.sh run OUT_DIR [gpu_checks.py arguments]}"
+  shift 2
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*
   export PYTHONPATH="$PWD/src:/tmp/site" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-  python3 scripts/gpu_checks.py --out "$out"
+  python3 scripts/gpu_checks.py --out "$out" "$@"
   ;;
 *)
   sed -n '2,6p' "$0"
