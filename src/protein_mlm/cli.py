@@ -292,7 +292,10 @@ def eval_main() -> None:
 
 def argparse_main(create_parser, run_tool) -> None:
     """Run an argparse tool (embed, score): a user error is one line and exit 2, without a traceback."""
+    from transformers.utils import logging as hf_logging
+
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    hf_logging.disable_progress_bar()  # its per-load "Loading weights" bar says nothing a user needs
     args = create_parser().parse_args()
     try:
         run_tool(args)
