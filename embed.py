@@ -1,4 +1,4 @@
-"""Embeddings of a FASTA with fair-esm extract.py's arguments: `python embed.py MODEL FASTA OUTPUT_DIR --include mean`."""
+"""Embeddings as fair-esm extract.py writes them: `python embed.py MODEL FASTA OUTPUT_DIR --include mean per_tok`."""
 
 from protein_mlm.cli import embed_main
 

@@ -1,4 +1,4 @@
-"""Zero-shot variant-effect scores with fair-esm predict.py's arguments: `python score.py --model-location MODEL ...`."""
+"""Zero-shot variant-effect scores as fair-esm predict.py: `python score.py --model-location MODEL --sequence ...`."""
 
 from protein_mlm.cli import score_main
 

@@ -9,7 +9,13 @@ import torch
 from transformers import EsmConfig, EsmForMaskedLM
 
 from .. import attention
-from ..checkpoint import CONTACT_HEAD_KEY, describe_checkpoint, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from ..checkpoint import (
+    CONTACT_HEAD_KEY,
+    describe_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+)
 from ..errors import ConfigError
 from ..tokenizer import VOCAB
 
@@ -110,7 +116,9 @@ def load_ckpt(path: Path, attn_implementation: str) -> LoadedModel:
     architecture = dict(checkpoint["hyper_parameters"]["architecture"], attn_implementation=attn_implementation)
     model = model_from_checkpoint(path, checkpoint=checkpoint, architecture=architecture)
     trained = bool(checkpoint.get(CONTACT_HEAD_KEY, False))
-    return LoadedModel(model.eval(), trained, path, describe_checkpoint(path), checkpoint["hyper_parameters"]["architecture"])
+    return LoadedModel(
+        model.eval(), trained, path, describe_checkpoint(path), checkpoint["hyper_parameters"]["architecture"]
+    )
 
 
 def load_model(location: str | Path, attn_implementation: str = "sdpa") -> LoadedModel:

@@ -57,8 +57,10 @@ def read_scan(path: Path, column: str) -> pd.DataFrame:
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path} as CSV ({' '.join(str(e).split())[:200]})") from None
     if column not in df.columns:
-        raise DataError(f"{path} has no column {column!r} (its columns: {', '.join(map(str, df.columns))}); "
-                        "name the mutant column with --mutation-col")
+        raise DataError(
+            f"{path} has no column {column!r} (its columns: {', '.join(map(str, df.columns))}); "
+            "name the mutant column with --mutation-col"
+        )
     if df.empty:
         raise DataError(f"{path} holds no rows; pass a scan with at least one mutant")
     return df

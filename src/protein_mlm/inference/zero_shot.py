@@ -40,8 +40,10 @@ def check_sequence(sequence: str) -> str:
     sequence = sequence.strip().upper()
     bad = sorted(set(sequence) - set(RESIDUES))
     if not sequence or bad:
-        raise DataError(f"--sequence holds {'no residues' if not sequence else 'the letters ' + ''.join(bad)}; "
-                        f"pass the wild-type protein in the letters {RESIDUES}")
+        raise DataError(
+            f"--sequence holds {'no residues' if not sequence else 'the letters ' + ''.join(bad)}; "
+            f"pass the wild-type protein in the letters {RESIDUES}"
+        )
     return sequence
 
 
@@ -222,5 +224,8 @@ def score_mutants(
     sites = {m.index for mutant in mutants for m in mutant}
     lp = site_log_probs(model, sequence, sites, strategy, window, scoring_window, toks_per_batch)
     return np.array(
-        [sum(float(lp[m.index][VOCAB.index(m.mt)] - lp[m.index][VOCAB.index(m.wt)]) for m in mutant) for mutant in mutants]
+        [
+            sum(float(lp[m.index][VOCAB.index(m.mt)] - lp[m.index][VOCAB.index(m.wt)]) for m in mutant)
+            for mutant in mutants
+        ]
     )
