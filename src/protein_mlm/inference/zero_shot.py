@@ -60,13 +60,13 @@ def parse_mutant(text, sequence: str, offset: int, where: str) -> list[Mutation]
         index = position - offset
         if not 0 <= index < len(sequence):
             raise DataError(
-                f"{where}: mutant {part} is outside the sequence (position {position} with --offset-idx {offset} "
+                f"{where}: mutant {part} is outside the sequence (position {position} with offset {offset} "
                 f"is index {index}; the sequence has {len(sequence)} residues)"
             )
         if sequence[index] != wt:
             raise DataError(
                 f"{where}: mutant {part} names wild type {wt} at position {position}, but the sequence has "
-                f"{sequence[index]} there (index {index} with --offset-idx {offset}); check the sequence and offset"
+                f"{sequence[index]} there (index {index} with offset {offset}); check the sequence and the offset"
             )
         mutations.append(Mutation(index, wt, mt))
     if len({m.index for m in mutations}) < len(mutations):
