@@ -10,8 +10,8 @@ import torch
 from omegaconf import open_dict
 
 from protein_mlm.checkpoint import export_hf
-from protein_mlm.cli import embed_main, score_main
 from protein_mlm.inference import embed, score
+from protein_mlm.inference.commands import embed_main, score_main
 from protein_mlm.inference.convert import esm2_to_hf
 from protein_mlm.inference.loading import load_model
 from protein_mlm.inference.zero_shot import optimal_window

@@ -288,30 +288,3 @@ def eval_main() -> None:
     from .evaluate import check_eval_config, evaluate
 
     run("eval", evaluate, check_eval_config)
-
-
-def argparse_main(create_parser, run_tool) -> None:
-    """Run an argparse tool (embed, score): a user error is one line and exit 2, without a traceback."""
-    from transformers.utils import logging as hf_logging
-
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    hf_logging.disable_progress_bar()  # its per-load "Loading weights" bar says nothing a user needs
-    args = create_parser().parse_args()
-    try:
-        run_tool(args)
-    except UserError as e:
-        fail(str(e))
-
-
-def embed_main() -> None:
-    """Entry point of `python embed.py` and the `protein-mlm-embed` console script."""
-    from .inference.embed import create_parser, run
-
-    argparse_main(create_parser, run)
-
-
-def score_main() -> None:
-    """Entry point of `python score.py` and the `protein-mlm-score` console script."""
-    from .inference.score import create_parser, run
-
-    argparse_main(create_parser, run)
