@@ -1,5 +1,6 @@
 """Embeddings and zero-shot scores against fair-esm 2.0.0: the same weights give the same numbers and files."""
 
+import json
 import math
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from protein_mlm.checkpoint import export_hf
+from protein_mlm.checkpoint import CONTACT_HEAD_KEY, export_hf, load_checkpoint
 from protein_mlm.inference import embed, score
 from protein_mlm.inference.commands import embed_main, score_main
 from protein_mlm.inference.convert import esm2_to_hf
@@ -205,6 +206,8 @@ def test_any_model_location_loads_the_same_weights(project_run, tmp_path):
     ckpt = next((project_run / "checkpoints").glob("best-*.ckpt"))
     tokens = torch.tensor([[0, 5, 6, 7, 8, 2]])
     logits = []
+    assert load_checkpoint(ckpt)[CONTACT_HEAD_KEY] is False  # recorded, not defaulted
+    assert json.loads((export / "config.json").read_text())[CONTACT_HEAD_KEY] is False
     for location in (project_run, ckpt, export):
         loaded = load_model(location)
         assert not loaded.contact_head_trained  # pretrained here: the head was frozen at its initialisation
@@ -212,6 +215,18 @@ def test_any_model_location_loads_the_same_weights(project_run, tmp_path):
             logits.append(loaded.model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
     torch.testing.assert_close(logits[0], logits[2], rtol=0, atol=1e-6)
+
+
+def test_continued_pretraining_keeps_the_provenance_of_the_contact_head(hf_dir, project_run, tmp_path):
+    """init_from=<ESM-2 dir> brings a fitted head (its checkpoints say so); init_from=<our export> does not."""
+    from protein_mlm.module import MaskedLMModule
+
+    architecture = load_model(hf_dir).architecture
+    assert MaskedLMModule(architecture=architecture, init_from=str(hf_dir)).contact_head_trained
+    export = export_hf(project_run, tmp_path / "hf")
+    ours = load_model(export).architecture
+    assert not MaskedLMModule(architecture=ours, init_from=str(export)).contact_head_trained
+    assert not MaskedLMModule(architecture=ours).contact_head_trained
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,11 @@ def prepare(args: argparse.Namespace) -> tuple[LoadedModel, list[Record], list[i
             f"--include contacts: the contact head of {loaded.description} was never trained (masked-LM pretraining "
             "leaves it frozen at its initialisation); drop 'contacts', or use a model started from ESM-2 weights"
         )
+    if loaded.max_tokens and args.truncation_seq_length + 2 > loaded.max_tokens:
+        raise ConfigError(
+            f"--truncation_seq_length {args.truncation_seq_length}: {loaded.description} has learned positions for "
+            f"{loaded.max_tokens} tokens, <cls> and <eos> included; pass {loaded.max_tokens - 2} or less"
+        )
     layers = normalize_layers(args.repr_layers, loaded.num_layers)
     records = scan_fasta(args.fasta_file, args.truncation_seq_length)
     if not records:

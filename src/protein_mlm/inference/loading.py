@@ -49,6 +49,14 @@ class LoadedModel:
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
+    @property
+    def max_tokens(self) -> int | None:
+        """Tokens one pass can take: learned positions end (HF numbers them from pad id + 1); rotary ones do not."""
+        config = self.model.config
+        if config.position_embedding_type != "absolute":
+            return None
+        return config.max_position_embeddings - config.pad_token_id - 1
+
 
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()

@@ -104,6 +104,11 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         resolve_model(location)
     for location in args.model_location:
         loaded = load_model(location)
+        if loaded.max_tokens and args.model_window > loaded.max_tokens:
+            raise ConfigError(
+                f"--model-window {args.model_window}: {loaded.description} has learned positions for "
+                f"{loaded.max_tokens} tokens; pass --model-window {loaded.max_tokens} or less"
+            )
         loaded.model.to(device_for(args.nogpu))
         print(f"Scoring {len(df)} mutants with {loaded.description} ({args.scoring_strategy})", flush=True)
         df[location] = score_mutants(
