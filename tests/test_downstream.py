@@ -447,7 +447,7 @@ def test_score_bad_inputs_are_one_line_and_leave_no_file(case, message, hf_dir, 
     assert not out.exists() and not list(tmp_path.glob(".out.csv*"))
 
 
-def test_root_scripts_run_on_a_project_run_dir(project_run, fasta, tmp_path):
+def test_root_scripts_run_on_a_project_run_dir(project_run, hf_dir, fasta, tmp_path):
     """`python embed.py` / `python score.py` as a user runs them, on what training left behind."""
     import subprocess
 
@@ -459,8 +459,11 @@ def test_root_scripts_run_on_a_project_run_dir(project_run, fasta, tmp_path):
     assert torch.load(tmp_path / "e" / "seq1.pt")["mean_representations"][2].shape == (32,)  # tiny: 2 layers, 32
     dms = tmp_path / "dms.csv"
     dms_frame().to_csv(dms, index=False)
-    score_cmd = [sys.executable, str(ROOT / "score.py"), "--model-location", str(project_run), "--sequence", WILD_TYPE]
+    models = [str(project_run), str(hf_dir)]  # one score column per model, named as given
+    score_cmd = [sys.executable, str(ROOT / "score.py"), "--model-location", *models, "--sequence", WILD_TYPE]
     score_cmd += ["--dms-input", str(dms), "--dms-output", str(tmp_path / "o.csv"), "--offset-idx", str(OFFSET)]
     result = subprocess.run(score_cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Spearman rho" in result.stdout and pd.read_csv(tmp_path / "o.csv")[str(project_run)].notna().all()
+    assert result.stdout.count("Spearman rho") == 2
+    scored = pd.read_csv(tmp_path / "o.csv")
+    assert list(scored.columns) == ["mutant", "DMS_score", "note", *models] and scored[models].notna().all().all()
