@@ -54,6 +54,16 @@ def test_eval_is_deterministic_and_writes_eval_json(run_dir, tmp_path):
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["loss"] == first["loss"]
 
 
+def test_eval_of_an_hf_export_matches_its_checkpoint(run_dir, tmp_path):
+    """eval.py reads models through the one loader: an export gives the checkpoint's numbers."""
+    fasta = tmp_path / "x.fasta"
+    fasta.write_bytes(SEQUENCES)
+    from_checkpoint = evaluate(eval_cfg(tmp_path, run_dir, fasta))
+    from_export = evaluate(eval_cfg(tmp_path, export_hf(run_dir, tmp_path / "hf"), fasta))
+    assert from_export["loss"] == pytest.approx(from_checkpoint["loss"], abs=1e-6)
+    assert from_export["accuracy"] == from_checkpoint["accuracy"] and from_export["checkpoint"] == str(tmp_path / "hf")
+
+
 def test_export_round_trip_gives_identical_logits(run_dir, tmp_path, capsys):
     out = export_hf(run_dir, tmp_path / "hf")
     assert "(the run's best by val/loss)" in capsys.readouterr().out  # says which checkpoint it exported

@@ -17,6 +17,10 @@ from .tokenizer import load_tokenizer
 # update boundary. A checkpoint without it (or older) cannot continue a run exactly.
 CHECKPOINT_FORMAT = 2
 FORMAT_KEY = "protein_mlm_format"
+# Whether the model's contact-prediction head was ever fitted: MLM gives it no gradient (model.build_model freezes
+# it), so it is trained only when the weights came from a model that had one (model.init_from=<ESM-2 dir>). Kept
+# in checkpoints and in exported config.json files, so inference can refuse contacts from an untrained head.
+CONTACT_HEAD_KEY = "protein_mlm_contact_head_trained"
 BEST_LOSS = re.compile(r"val_loss(\d+(?:\.\d+)?)")
 
 ARCHITECTURE_FIELDS = (
@@ -73,10 +77,12 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return checkpoint
 
 
-def model_from_checkpoint(path: str | Path) -> EsmForMaskedLM:
-    """The EsmForMaskedLM a training checkpoint holds."""
-    checkpoint = load_checkpoint(path)
-    model = build_model(checkpoint["hyper_parameters"]["architecture"])
+def model_from_checkpoint(
+    path: str | Path, checkpoint: dict[str, Any] | None = None, architecture: dict[str, Any] | None = None
+) -> EsmForMaskedLM:
+    """The EsmForMaskedLM a training checkpoint holds (`architecture` overrides the saved one, e.g. its attention)."""
+    checkpoint = checkpoint or load_checkpoint(path)
+    model = build_model(architecture or checkpoint["hyper_parameters"]["architecture"])
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     return model
@@ -87,7 +93,9 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     source = resolve_checkpoint(checkpoint_path)
     print(f"Exporting {describe_checkpoint(source)}", flush=True)
-    model = model_from_checkpoint(source)
+    checkpoint = load_checkpoint(source)
+    model = model_from_checkpoint(source, checkpoint=checkpoint)
+    setattr(model.config, CONTACT_HEAD_KEY, bool(checkpoint.get(CONTACT_HEAD_KEY, False)))  # goes into config.json
     model.save_pretrained(out_dir)
     load_tokenizer().save_pretrained(out_dir)
     umask = os.umask(0)
@@ -98,8 +106,9 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_pretrained_into(model: EsmForMaskedLM, directory: str | Path) -> None:
-    """Copy the weights of a local Hugging Face ESM directory into `model`; the architectures must match."""
+def load_pretrained_into(model: EsmForMaskedLM, directory: str | Path) -> bool:
+    """Copy the weights of a local Hugging Face ESM directory into `model` (the architectures must match); returns
+    whether its contact head was trained (a directory without this project's marker is ESM's own: trained)."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ConfigError(f"model.init_from={directory} holds no config.json; pass a local Hugging Face ESM directory")
@@ -115,6 +124,7 @@ def load_pretrained_into(model: EsmForMaskedLM, directory: str | Path) -> None:
             "choose the matching model= preset"
         )
     model.load_state_dict(pretrained.state_dict())
+    return bool(getattr(pretrained.config, CONTACT_HEAD_KEY, True))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

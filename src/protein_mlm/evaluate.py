@@ -9,10 +9,10 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from .checkpoint import describe_checkpoint, load_checkpoint, resolve_checkpoint
 from .data import MaskedSequenceDataset
 from .errors import ConfigError
 from .fasta import read_fasta
+from .inference.loading import load_model, resolve_model
 from .masking import collate
 from .module import MaskedLMModule
 from .preprocess import FEATURES, residue_lengths, unigram_perplexity
@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 def check_eval_config(cfg: DictConfig) -> None:
     if not cfg.get("ckpt_path"):
-        raise ConfigError("no checkpoint given; pass ckpt_path=<file.ckpt or run dir>")
-    resolve_checkpoint(cfg.ckpt_path)
+        raise ConfigError("no checkpoint given; pass ckpt_path=<file.ckpt, run dir or Hugging Face ESM directory>")
+    resolve_model(cfg.ckpt_path)
     if not cfg.data.get("val_path"):
         raise ConfigError("no FASTA given; pass data.val_path=<file.fasta[.gz]>")
     if not Path(cfg.data.val_path).is_file():
@@ -43,10 +43,9 @@ def fasta_dataset(path: str | Path) -> datasets.Dataset:
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate, write eval.json into the run dir, print one line, return the numbers."""
     check_eval_config(cfg)
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path)
-    checkpoint = load_checkpoint(ckpt_path)
-    module = MaskedLMModule(architecture=checkpoint["hyper_parameters"]["architecture"])
-    module.load_state_dict(checkpoint["state_dict"])
+    loaded = load_model(cfg.ckpt_path)
+    module = MaskedLMModule(architecture=loaded.architecture)
+    module.model = loaded.model  # the loader's weights; the module adds the masked-LM metrics
 
     sequences = fasta_dataset(cfg.data.val_path)
     dataset = MaskedSequenceDataset(sequences, cfg.data.max_length, cfg.data.seed, cfg.data.mask_prob)
@@ -63,11 +62,11 @@ def evaluate(cfg: DictConfig) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    print(f"Evaluating {describe_checkpoint(ckpt_path)} on {cfg.data.val_path}", flush=True)
+    print(f"Evaluating {loaded.description} on {cfg.data.val_path}", flush=True)
     trainer.validate(module, dataloaders=loader, verbose=False)
     results = {k: float(v) for k, v in trainer.callback_metrics.items()}
     report = {
-        "checkpoint": str(ckpt_path),
+        "checkpoint": str(loaded.source),
         "data": str(cfg.data.val_path),
         "sequences": len(sequences),
         "loss": results["val/loss"],

@@ -42,6 +42,12 @@ def _check_text(path: Path, line_no: int, line: bytes) -> None:
 
 def read_fasta(path: str | Path) -> Iterator[tuple[str, bytes]]:
     """Yield (record id, upper-case residues) for every record; reject anything that is not clean FASTA."""
+    for record_id, _, residues in read_fasta_records(path):
+        yield record_id, residues
+
+
+def read_fasta_records(path: str | Path) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (record id, whole header line without '>', upper-case residues) for every record, as read_fasta."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a directory; pass a FASTA file (a directory of them needs data.streaming=true)")
@@ -49,18 +55,19 @@ def read_fasta(path: str | Path) -> Iterator[tuple[str, bytes]]:
         raise DataError(f"data file {path} does not exist; check the path (data.train_path / data.val_path)")
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty; pass a FASTA file with '>' records")
-    name, chunks, seen_record = None, [], False
+    name, header, chunks, seen_record = None, "", [], False
     try:
         with open_maybe_gzipped(path) as handle:
             for line_no, raw in enumerate(handle, start=1):
                 if line_no == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
                 line = raw.strip()
-                if line.startswith(b">"):  # only the id is used: any bytes after it are ignored
+                if line.startswith(b">"):  # the id is the header's first word; the rest is kept as the label
                     if name is not None:
-                        yield name, b"".join(chunks).upper()
+                        yield name, header, b"".join(chunks).upper()
                     record_id = line[1:].split(maxsplit=1)[0] if line[1:].strip() else b""
                     name = record_id.decode("utf-8", errors="replace") or f"record@{line_no}"
+                    header = line[1:].strip().decode("utf-8", errors="replace")
                     chunks, seen_record = [], True
                     continue
                 _check_text(path, line_no, raw)
@@ -88,4 +95,4 @@ def read_fasta(path: str | Path) -> Iterator[tuple[str, bytes]]:
         raise DataError(f"cannot read {path} ({e}); pass an intact plain or gzipped FASTA file") from None
     if not seen_record:
         raise DataError(f"{path} holds no FASTA records (no line starts with '>'); pass a FASTA file")
-    yield name, b"".join(chunks).upper()
+    yield name, header, b"".join(chunks).upper()

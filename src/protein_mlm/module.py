@@ -10,7 +10,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
-from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_pretrained_into
+from .checkpoint import CHECKPOINT_FORMAT, CONTACT_HEAD_KEY, FORMAT_KEY, load_pretrained_into
 from .errors import TrainingDiverged
 from .loader import POSITION_KEY
 from .masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
@@ -58,8 +58,9 @@ class MaskedLMModule(pl.LightningModule):
         self.model = build_model(
             architecture, activation_checkpointing=activation_checkpointing, fast_layers=fast_layers
         )
+        self.contact_head_trained = False  # MLM never trains it; only weights it starts from can bring a fitted one
         if init_from:  # continue pretraining from a Hugging Face ESM directory (e.g. an export)
-            load_pretrained_into(self.model, init_from)
+            self.contact_head_trained = load_pretrained_into(self.model, init_from)
         if compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
             # Token-budget batches change shape every step: one dynamic graph beats a recompile each time. Packed
             # batches have one shape: a static graph, compiled once (other shapes, e.g. validation, add one more).
@@ -258,6 +259,7 @@ class MaskedLMModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen  # counted at updates only, like the data position
         checkpoint[FORMAT_KEY] = CHECKPOINT_FORMAT
+        checkpoint[CONTACT_HEAD_KEY] = self.contact_head_trained  # provenance for inference (contacts or not)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

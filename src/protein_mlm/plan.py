@@ -179,7 +179,7 @@ def plan_rows(cfg: DictConfig, plan: RunPlan, train_tokens: int | None) -> list[
     steps = cfg.trainer.max_steps
     last_lr = cfg.optimizer.lr * plan.schedule(steps - 1)
     parameters = count_parameters(build_model(OmegaConf.to_container(cfg.model.architecture), device="meta"))
-    return [
+    rows = [
         ("model parameters", f"{parameters / 1e6:,.2f} M ({cfg.model.name})"),
         (
             "validations (after step)",
@@ -192,3 +192,19 @@ def plan_rows(cfg: DictConfig, plan: RunPlan, train_tokens: int | None) -> list[
         ("peak LR / LR at the last step", f"{cfg.optimizer.lr:.3g} / {last_lr:.3g}"),
         ("epochs max_steps implies (about)", f"{steps * per_update / train_tokens:.2f}" if train_tokens else "-"),
     ]
+    zero_shot = (cfg.get("callbacks") or {}).get("zero_shot")
+    if zero_shot:
+        rows.append(("zero-shot scoring per validation", zero_shot_cost(zero_shot, plan.devices)))
+    return rows
+
+
+def zero_shot_cost(zero_shot: DictConfig, devices: int) -> str:
+    """What callbacks.zero_shot adds to every validation: sequences read, split over the ranks."""
+    from .inference.tracking import load_scan, passes_per_validation
+
+    scans = [load_scan(dict(spec)) for spec in zero_shot.get("scans") or []]
+    strategy = zero_shot.get("strategy", "masked-marginals")
+    passes = passes_per_validation(scans, strategy)
+    mutants = sum(len(scan.mutants) for scan in scans)
+    per_rank = f", about {math.ceil(passes / devices):,} per rank" if devices > 1 else ""
+    return f"{len(scans)} scans, {mutants:,} mutants, {passes:,} sequence passes ({strategy}){per_rank}"

@@ -29,6 +29,7 @@ COLUMNS = [
     "wall_time_s",
     "message",
 ]
+ZERO_SHOT_PREFIX = "val/zero_shot/"  # callbacks.zero_shot's metrics: one column each, the last validation's value
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -59,6 +60,11 @@ def job_row(job_dir: Path, overrides: list[str], scalars: dict, label_keys: list
     message = status.get("message", "")
     if status.get("step") is not None:
         message = f"step {status['step']}: {message}"
+    zero_shot = {
+        tag.removeprefix("val/"): values[-1][1]
+        for tag, values in scalars.items()
+        if tag.startswith(ZERO_SHOT_PREFIX) and values
+    }
     return {
         "job": " ".join(overrides) or job_dir.name,
         "status": status["status"],
@@ -69,6 +75,7 @@ def job_row(job_dir: Path, overrides: list[str], scalars: dict, label_keys: list
         "tokens_per_sec": statistics.median(speed) if speed else math.nan,
         "wall_time_s": status.get("wall_time_s", math.nan),
         "message": message,
+        **zero_shot,
     }
 
 
@@ -78,9 +85,16 @@ def _format(value: Any) -> str:
     return str(value).replace("|", "/")
 
 
+def columns_of(rows: list[dict[str, Any]]) -> list[str]:
+    """COLUMNS, then the zero-shot ones any job logged (before the message, which is often long)."""
+    extra = sorted({key for row in rows for key in row} - set(COLUMNS))
+    return COLUMNS[:-1] + extra + COLUMNS[-1:]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_format(row[c]) for c in COLUMNS) + " |" for row in rows]
+    columns = columns_of(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_format(row.get(c, math.nan)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +179,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     job_dirs, all_overrides, all_scalars = ([seq[i] for i in order] for seq in (job_dirs, all_overrides, all_scalars))
     rows = [job_row(*job, varying or None) for job in zip(job_dirs, all_overrides, all_scalars)]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns_of(rows), restval=math.nan)
         writer.writeheader()
         writer.writerows(rows)
     (sweep_dir / "summary.md").write_text(markdown_table(rows) + best_trial_note(sweep_dir))

@@ -1,0 +1,231 @@
+"""Zero-shot variant-effect scores in fair-esm predict.py's and ProteinGym's conventions.
+
+A mutant `A42G` names sequence index 42 - offset; `A42G:C50D` scores the sum over its sites (ProteinGym).
+- wt-marginals: log p(mt) - log p(wt) at each site, from one pass over the unmasked wild type.
+- masked-marginals: the same, from the wild type with that one site masked (one masked copy per site).
+- pseudo-ppl: sum over every residue i of the mutant sequence of log p(residue i | sequence with i masked).
+  predict.py and ProteinGym read residue i at token i (off by one: token 0 is <cls>) and skip the last two
+  residues; here token i + 1 is scored for residue i, every residue counted.
+Sequences longer than the model window (tokens, <cls>/<eos> included) are scored as ProteinGym does: each masked
+site in its "optimal" window (`get_optimal_window`), or, for wt-marginals, "overlapping" weighted windows.
+"""
+
+import contextlib
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import EsmForMaskedLM
+
+from ..errors import DataError
+from ..tokenizer import CLS_ID, EOS_ID, MASK_ID, RESIDUES, VOCAB
+
+STRATEGIES = ("wt-marginals", "masked-marginals", "pseudo-ppl")
+WINDOWS = ("optimal", "overlapping")
+MUTATION = re.compile(r"^([A-Z])(-?\d+)([A-Z])$")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    index: int  # 0-based index into the wild-type sequence
+    wt: str
+    mt: str
+
+
+def check_sequence(sequence: str) -> str:
+    """The wild type, upper-case; only letters of the ESM alphabet."""
+    sequence = sequence.strip().upper()
+    bad = sorted(set(sequence) - set(RESIDUES))
+    if not sequence or bad:
+        raise DataError(
+            f"--sequence holds {'no residues' if not sequence else 'the letters ' + ''.join(bad)}; "
+            f"pass the wild-type protein in the letters {RESIDUES}"
+        )
+    return sequence
+
+
+def parse_mutant(text, sequence: str, offset: int, where: str) -> list[Mutation]:
+    """`A42G` or `A42G:C50D` against `sequence`; every problem is a DataError naming `where` (the row)."""
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: no mutant given; each row needs one such as A42G or A42G:C50D")
+    mutations = []
+    for part in text.strip().split(":"):
+        match = MUTATION.match(part.strip())
+        if not match or match.group(3) not in RESIDUES:
+            raise DataError(f"{where}: malformed mutant {text!r}; write wild type, position, mutant: A42G or A42G:C50D")
+        wt, position, mt = match.group(1), int(match.group(2)), match.group(3)
+        index = position - offset
+        if not 0 <= index < len(sequence):
+            raise DataError(
+                f"{where}: mutant {part} is outside the sequence (position {position} with offset {offset} "
+                f"is index {index}; the sequence has {len(sequence)} residues)"
+            )
+        if sequence[index] != wt:
+            raise DataError(
+                f"{where}: mutant {part} names wild type {wt} at position {position}, but the sequence has "
+                f"{sequence[index]} there (index {index} with offset {offset}); check the sequence and the offset"
+            )
+        mutations.append(Mutation(index, wt, mt))
+    if len({m.index for m in mutations}) < len(mutations):
+        raise DataError(f"{where}: mutant {text!r} names one position twice")
+    return mutations
+
+
+def tokens_of(sequence: str) -> torch.Tensor:
+    """<cls> residues <eos>, as fair-esm's batch converter encodes one sequence."""
+    return torch.tensor([CLS_ID, *(VOCAB.index(a) for a in sequence), EOS_ID], dtype=torch.long)
+
+
+def optimal_window(position: int, length: int, window: int) -> tuple[int, int]:
+    """ProteinGym's get_optimal_window: the [start, end) token window around `position` (tokens incl. specials)."""
+    half = window // 2
+    if length <= window:
+        return 0, length
+    if position < half:
+        return 0, window
+    if position >= length - half:
+        return length - window, length
+    return max(0, position - half), min(length, position + half)
+
+
+@torch.no_grad()
+def log_probs(model: EsmForMaskedLM, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T, vocab) fp32 log-softmax of equal-length rows; bf16 autocast on a GPU."""
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        logits = model(input_ids=tokens.to(device)).logits
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def masked_site_log_probs(
+    model: EsmForMaskedLM, rows: list[tuple[torch.Tensor, int]], window: int, toks_per_batch: int
+) -> list[torch.Tensor]:
+    """For each (tokens, token position): the vocab log-probs there with that token masked, in its optimal window.
+
+    All rows must have one length; every window then has one length too, so masked copies batch by stacking.
+    """
+    out = []
+    if not rows:
+        return out
+    width = min(len(rows[0][0]), window)
+    for group in chunks(rows, max(1, toks_per_batch // width)):
+        batch, targets = [], []
+        for tokens, position in group:
+            start, end = optimal_window(position, len(tokens), window)
+            masked = tokens.clone()
+            masked[position] = MASK_ID
+            batch.append(masked[start:end])
+            targets.append(position - start)
+        lp = log_probs(model, torch.stack(batch))
+        out.extend(lp[row, target] for row, target in enumerate(targets))
+    return out
+
+
+def overlapping_log_probs(model: EsmForMaskedLM, tokens: torch.Tensor, window: int) -> torch.Tensor:
+    """ProteinGym's overlapping wt-marginals for a sequence past the window: windows from both ends, stride
+    window/2 - 1, sigmoid-ramped weights at their edges, a central one when the middle overlap is short;
+    (T, vocab). Its constants (1024, 256, 128, 16, 511) are the ones here at window=1024."""
+    length = len(tokens)
+    ramp, middle, temperature, stride = window // 4, window // 8, window / 64, window // 2 - 1
+    weights = torch.ones(window)
+    for i in range(1, ramp + 1):
+        weights[i] = 1 / (1 + math.exp(-(i - middle) / temperature))
+    for i in range(window - 2 - ramp, window - 1):
+        weights[i] = 1 / (1 + math.exp((i - (window - 2) + middle) / temperature))
+    total, weight_sum = torch.zeros(length, len(VOCAB)), torch.zeros(length)
+
+    def add(start: int) -> None:
+        total[start : start + window] += log_probs(model, tokens[None, start : start + window])[0] * weights[:, None]
+        weight_sum[start : start + window] += weights
+
+    left, right = 0, length - window
+    while True:
+        add(left)
+        add(right)
+        if left + window - 1 > right:  # the last two overlap
+            break
+        left, right = left + stride, right - stride
+    if (left + window - 1) - right + 1 < stride:
+        add(int(length / 2) - window // 2)
+    return total / weight_sum[:, None]
+
+
+def site_log_probs(
+    model: EsmForMaskedLM,
+    sequence: str,
+    sites: set[int],
+    strategy: str,
+    window: int,
+    scoring_window: str,
+    toks_per_batch: int,
+) -> dict[int, torch.Tensor]:
+    """{sequence index: vocab log-probs at that residue} for wt-marginals or masked-marginals."""
+    tokens = tokens_of(sequence)
+    positions = sorted(sites)
+    if strategy == "masked-marginals":
+        rows = [(tokens, i + 1) for i in positions]
+        return dict(zip(positions, masked_site_log_probs(model, rows, window, toks_per_batch)))
+    if len(tokens) > window and scoring_window == "overlapping":
+        lp = overlapping_log_probs(model, tokens, window)
+        return {i: lp[i + 1] for i in positions}
+    by_window: dict[tuple[int, int], list[int]] = {}  # unmasked: one pass per distinct window
+    for i in positions:
+        by_window.setdefault(optimal_window(i + 1, len(tokens), window), []).append(i)
+    out = {}
+    for (start, end), members in by_window.items():
+        lp = log_probs(model, tokens[None, start:end])[0]
+        out.update({i: lp[i + 1 - start] for i in members})
+    return out
+
+
+def mutated(sequence: str, mutations: list[Mutation]) -> str:
+    residues = list(sequence)
+    for m in mutations:
+        residues[m.index] = m.mt
+    return "".join(residues)
+
+
+def pseudo_log_likelihood(model: EsmForMaskedLM, sequences: list[str], window: int, toks_per_batch: int) -> list[float]:
+    """Sum over every residue of log p(residue | the sequence with it masked), per sequence (equal lengths)."""
+    rows, owners, targets = [], [], []
+    for n, sequence in enumerate(sequences):
+        tokens = tokens_of(sequence)
+        for i, residue in enumerate(sequence):
+            rows.append((tokens, i + 1))
+            owners.append(n)
+            targets.append(VOCAB.index(residue))
+    totals = np.zeros(len(sequences))
+    for lp, owner, target in zip(masked_site_log_probs(model, rows, window, toks_per_batch), owners, targets):
+        totals[owner] += float(lp[target])
+    return totals.tolist()
+
+
+def score_mutants(
+    model: EsmForMaskedLM,
+    sequence: str,
+    mutants: list[list[Mutation]],
+    strategy: str,
+    window: int = 1024,
+    scoring_window: str = "optimal",
+    toks_per_batch: int = 4096,
+) -> np.ndarray:
+    """One score per mutant: summed log-ratios (wt-/masked-marginals) or the mutant's pseudo-log-likelihood."""
+    if strategy == "pseudo-ppl":
+        return np.array(pseudo_log_likelihood(model, [mutated(sequence, m) for m in mutants], window, toks_per_batch))
+    sites = {m.index for mutant in mutants for m in mutant}
+    lp = site_log_probs(model, sequence, sites, strategy, window, scoring_window, toks_per_batch)
+    return np.array(
+        [
+            sum(float(lp[m.index][VOCAB.index(m.mt)] - lp[m.index][VOCAB.index(m.wt)]) for m in mutant)
+            for mutant in mutants
+        ]
+    )
