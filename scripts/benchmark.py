@@ -160,9 +160,9 @@ def main() -> None:
         for row in args.rows.split(","):
             results[row] = merge(results.get(row), run_in_child(row))
             print(f"{row}: {results[row]}", file=sys.stderr, flush=True)
-        text = "\n".join([*header, table(results, peaks, params, arch), ""])
-        out.write_text(text)  # after every row, so an interrupted benchmark keeps what it measured
-        out.with_suffix(".json").write_text(json.dumps({"peaks": peaks, "rows": results}, indent=1))
+            text = "\n".join([*header, table(results, peaks, params, arch), ""])
+            out.write_text(text)  # after every row, so an interrupted benchmark keeps what it measured
+            out.with_suffix(".json").write_text(json.dumps({"peaks": peaks, "rows": results}, indent=1))
     print(text)
 
 
