@@ -87,7 +87,7 @@ def device_name() -> str:
 
 def table(results: dict[str, dict], peaks: dict[str, float], params: int, arch: dict) -> str:
     """Markdown: throughput, padding, memory, MFU and the speed-up over the `hf` row."""
-    from protein_mlm.perf import flops_per_step
+    from protein_mlm.model.perf import flops_per_step
 
     base = results.get("hf", {}).get("real_per_s")
     lines = [
@@ -128,11 +128,11 @@ def main() -> None:
 
     import torch
 
-    from protein_mlm.model import build_model
+    from protein_mlm.model.esm import build_model
 
     on_gpu = torch.cuda.is_available()
     if on_gpu:
-        from protein_mlm.perf import lookup_peak_tflops
+        from protein_mlm.model.perf import lookup_peak_tflops
 
         name = torch.cuda.get_device_name()
         peaks = {p: lookup_peak_tflops(name, p) for p in ("32-true", "bf16-mixed")}

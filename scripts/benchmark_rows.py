@@ -76,7 +76,7 @@ class Clock:
 
 def train_split(max_length: int):
     """The bundled training split (token ids without <cls>/<eos>), as the project caches it."""
-    from protein_mlm.data import ProteinDataModule
+    from protein_mlm.data.datamodule import ProteinDataModule
 
     datamodule = ProteinDataModule(max_length=max_length, cache_dir=str(WORK / "data"))
     datamodule.setup()
@@ -89,8 +89,8 @@ def run_hf(name: str, model_name: str, max_length: int, batch_size: int, clock: 
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    from protein_mlm.model import build_model
-    from protein_mlm.tokenizer import CLS_ID, EOS_ID, load_tokenizer
+    from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, load_tokenizer
+    from protein_mlm.model.esm import build_model
 
     cfg = compose(model_name, max_length, [])
     model = build_model(dict(cfg.model.architecture))
@@ -133,7 +133,7 @@ def run_ours(name: str, model_name: str, max_length: int, clock: Clock, extra: l
     """This project's DataModule + LightningModule + Trainer, without checkpoints, validation or loggers."""
     import pytorch_lightning as pl
 
-    from protein_mlm.masking import COUNTS_KEY
+    from protein_mlm.data.masking import COUNTS_KEY
     from protein_mlm.preflight import check_config
     from protein_mlm.train import build_datamodule, build_module
 
@@ -173,10 +173,10 @@ def run_bare(model_name: str, max_length: int, clock: Clock, extra: list[str]) -
     """A bare PyTorch loop on ours' batches and model: the reference for the framework's overhead."""
     import torch
 
-    from protein_mlm.masking import COUNTS_KEY, IGNORE_INDEX
-    from protein_mlm.model import build_model
+    from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX
+    from protein_mlm.model.esm import build_model
     from protein_mlm.preflight import check_config
-    from protein_mlm.schedules import lambda_scheduler
+    from protein_mlm.training.schedules import lambda_scheduler
 
     paths = [f"paths.cache_dir={WORK / 'data'}", f"paths.output_dir={WORK / 'benchmark-bare'}"]
     cfg = compose(model_name, max_length, [*paths, *extra])

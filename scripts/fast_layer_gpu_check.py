@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protein_mlm.fast_layer import use_fast_layers
-from protein_mlm.masking import IGNORE_INDEX, collate, mask_tokens
-from protein_mlm.model import build_model
-from protein_mlm.packing import best_fit_rows, collate_packed, packed_logits
+from protein_mlm.data.masking import IGNORE_INDEX, collate, mask_tokens
+from protein_mlm.data.packing import best_fit_rows, collate_packed
+from protein_mlm.model.esm import build_model
+from protein_mlm.model.fast_layer import use_fast_layers
+from protein_mlm.model.packed import packed_logits
 
 ESM2_150M_LAYER = dict(hidden_size=640, num_attention_heads=20, intermediate_size=2560)
 ESM2 = dict(

@@ -52,7 +52,7 @@ def header(quick: bool) -> list[str]:
     import torch
     import transformers
 
-    from protein_mlm import attention
+    from protein_mlm.model import attention
 
     cuda = torch.version.cuda if torch.cuda.is_available() else "none"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -145,8 +145,8 @@ def training_shaped_batch(rows: int, row_tokens: int, seed: int = 0):
     """A packed batch as training makes it: sequences of bundled-like lengths, row tails, the segment bucket."""
     import numpy as np
 
-    from protein_mlm.masking import mask_tokens
-    from protein_mlm.packing import best_fit_rows, collate_packed
+    from protein_mlm.data.masking import mask_tokens
+    from protein_mlm.data.packing import best_fit_rows, collate_packed
 
     rng = np.random.default_rng(seed)
     residues = np.clip(rng.lognormal(5.7, 0.6, size=rows * 8), 30, row_tokens - 2).astype(int)
@@ -158,7 +158,7 @@ def check_attention(summary: Summary, quick: bool, budget: float) -> None:
     """varlen flash on a training-shaped batch: values and gradients vs the reference, time vs compact segments."""
     import torch
 
-    from protein_mlm import attention
+    from protein_mlm.model import attention
 
     if not torch.cuda.is_available():
         summary.add("attention", "skipped: no CUDA", "-", None)
@@ -233,7 +233,7 @@ def benchmark(model: str, rows: str, tokens: int, batch_size: int, quick: bool, 
 
 def check_throughput(summary: Summary, quick: bool, budget: float, out: Path) -> None:
     """MFU and speed-up over hf_tuned per model; compiled-graph counts per row."""
-    from protein_mlm.perf import flops_per_step
+    from protein_mlm.model.perf import flops_per_step
 
     plans = [("tiny", 4096, 16)] if quick else [("esm2_150m", 65536, 64), ("esm2_650m", 40960, 32)]
     rows = {"esm2_150m": "ours_packed_compile,hf_tuned,ours_packed", "esm2_650m": "ours_packed_compile,hf_tuned"}
@@ -248,7 +248,7 @@ def check_throughput(summary: Summary, quick: bool, budget: float, out: Path) ->
             summary.add(f"throughput {model}", f"failed: {data['error']}", "-", False)
             continue
         arch = dict(compose(model, []).model.architecture)
-        from protein_mlm.model import build_model
+        from protein_mlm.model.esm import build_model
 
         params = sum(p.numel() for p in build_model(arch, device="meta").parameters() if p.requires_grad)
         hf = data["rows"].get("hf_tuned", {}).get("real_per_s")
@@ -289,7 +289,7 @@ def inner_loss(quick: bool) -> None:
     from omegaconf import open_dict
     from torch._dynamo.utils import counters
 
-    from protein_mlm.tblog import read_scalars
+    from protein_mlm.reporting.tblog import read_scalars
     from protein_mlm.train import train
 
     means, steps = {}, 30 if quick else 50  # --quick: steps 11-30 (a CPU compiles and trains slowly)
@@ -319,7 +319,7 @@ def inner_loss(quick: bool) -> None:
 
 def check_fsdp(summary: Summary, quick: bool, budget: float, out: Path) -> None:
     """trainer=fsdp on one GPU against trainer=gpu: the same first 10 losses (the sharded step is the plain one)."""
-    from protein_mlm.tblog import read_scalars
+    from protein_mlm.reporting.tblog import read_scalars
 
     if quick:
         summary.add("fsdp", "skipped: Lightning's FSDP needs a GPU", "-", None)

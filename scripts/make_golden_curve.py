@@ -48,7 +48,7 @@ def run(out: Path, cache_dir: Path, extra: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from protein_mlm.tblog import read_scalars
+    from protein_mlm.reporting.tblog import read_scalars
     from protein_mlm.train import train
 
     overrides = OVERRIDES + [f"paths.cache_dir={cache_dir}"] + extra

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from protein_mlm.tblog import read_scalars  # noqa: E402
+from protein_mlm.reporting.tblog import read_scalars  # noqa: E402
 
 
 def label(run_dir: Path) -> str:

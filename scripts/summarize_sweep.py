@@ -6,7 +6,7 @@ Usage: python scripts/summarize_sweep.py multirun/<date>/<time>
 import sys
 from pathlib import Path
 
-from protein_mlm.summary import markdown_table, write_summary
+from protein_mlm.reporting.summary import markdown_table, write_summary
 
 
 def main() -> None:

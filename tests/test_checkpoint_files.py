@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from protein_mlm import preprocess
-from protein_mlm.checkpoint import AtomicCheckpointIO, resolve_checkpoint
+from protein_mlm.data import preprocess
+from protein_mlm.training.checkpoint import AtomicCheckpointIO, resolve_checkpoint
 
 
 def test_a_run_dir_resolves_to_its_lowest_validation_loss_not_its_latest_step(tmp_path):
@@ -61,7 +61,7 @@ def test_a_resume_removes_best_files_from_the_abandoned_continuation(tmp_path):
     """Killed after a best checkpoint at step 8 but before last.ckpt caught up: the resume from step 6 redoes it."""
     from types import SimpleNamespace
 
-    from protein_mlm.callbacks import BestCheckpoint
+    from protein_mlm.training.callbacks import BestCheckpoint
 
     kept, orphan = tmp_path / "best-step000004-val_loss2.5000.ckpt", tmp_path / "best-step000008-val_loss2.4000.ckpt"
     kept.write_bytes(b"x"), orphan.write_bytes(b"x")

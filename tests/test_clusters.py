@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protein_mlm.clusters import build_cluster_sampler, load_row_record_ids, read_cluster_map
-from protein_mlm.data import ProteinDataModule
+from protein_mlm.data.clusters import build_cluster_sampler, load_row_record_ids, read_cluster_map
+from protein_mlm.data.datamodule import ProteinDataModule
 from protein_mlm.errors import DataError
 
 # Upper 0.1% points of the chi-square distribution (standard tables), for the degrees of freedom used below.
@@ -128,7 +128,7 @@ def test_unmapped_sequences_are_singletons_and_absent_clusters_are_dropped(tmp_p
         f.write(">UniRef90_extra unmapped\nMKTAYIAKQRQISFVKSHFSRQ\n")
     with open(mapping, "a") as f:
         f.write("UniRef50_gone\tUniRef90_not_in_fasta\n")
-    with caplog.at_level(logging.INFO, logger="protein_mlm.clusters"):
+    with caplog.at_level(logging.INFO, logger="protein_mlm.data.clusters"):
         dm = datamodule(tmp_path, fasta, mapping)
     assert len(dm.clusters) == 3  # 2 mapped + 1 singleton
     assert "dropped 1 of the 3 clusters" in caplog.text and "1 singletons" in caplog.text
@@ -149,7 +149,7 @@ def test_record_ids_are_cached_beside_the_data(tmp_path, monkeypatch):
     fasta, mapping, _ = uniref_data(tmp_path, sizes=[2, 2])
     first = datamodule(tmp_path, fasta, mapping)
     assert list(first.cache_dir.glob("*.train_ids.arrow"))
-    monkeypatch.setattr("protein_mlm.clusters.row_record_ids", lambda *a: pytest.fail("ids were not reused"))
+    monkeypatch.setattr("protein_mlm.data.clusters.row_record_ids", lambda *a: pytest.fail("ids were not reused"))
     again = datamodule(tmp_path, fasta, mapping)
     assert np.array_equal(again.clusters.members, first.clusters.members)
 

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from protein_mlm.data import ProteinDataModule
+from protein_mlm.data.datamodule import ProteinDataModule
 from protein_mlm.plan import build_schedule, split_optimizer_config
 from protein_mlm.preflight import check_config
 from protein_mlm.train import build_datamodule
@@ -103,8 +103,8 @@ def test_default_groups_instantiate(tmp_path):
 
 
 def test_a_run_that_cannot_fit_the_machine_is_refused_before_it_starts(monkeypatch):
-    from protein_mlm import memory
     from protein_mlm.errors import ConfigError
+    from protein_mlm.model import memory
     from protein_mlm.preflight import check_memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda on_gpu: 24 * 2**30)  # a 24 GiB machine

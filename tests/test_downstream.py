@@ -10,14 +10,14 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from protein_mlm.checkpoint import CONTACT_HEAD_KEY, export_hf, load_checkpoint
+from protein_mlm.data.tokenizer import load_tokenizer
 from protein_mlm.inference import embed, score
 from protein_mlm.inference.commands import embed_main, score_main
 from protein_mlm.inference.convert import esm2_to_hf
 from protein_mlm.inference.loading import load_model
 from protein_mlm.inference.zero_shot import optimal_window
-from protein_mlm.tokenizer import load_tokenizer
 from protein_mlm.train import train
+from protein_mlm.training.checkpoint import CONTACT_HEAD_KEY, export_hf, load_checkpoint
 from tests.conftest import TINY, compose_config
 
 esm = pytest.importorskip("esm")  # fair-esm==2.0.0, a dev dependency
@@ -219,7 +219,7 @@ def test_any_model_location_loads_the_same_weights(project_run, tmp_path):
 
 def test_continued_pretraining_keeps_the_provenance_of_the_contact_head(hf_dir, project_run, tmp_path):
     """init_from=<ESM-2 dir> brings a fitted head (its checkpoints say so); init_from=<our export> does not."""
-    from protein_mlm.module import MaskedLMModule
+    from protein_mlm.training.module import MaskedLMModule
 
     architecture = load_model(hf_dir).architecture
     assert MaskedLMModule(architecture=architecture, init_from=str(hf_dir)).contact_head_trained

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import open_dict
 
-from protein_mlm.debug.callbacks import batch_digest
-from protein_mlm.masking import collate
+from protein_mlm.data.masking import collate
+from protein_mlm.data.samplers import EpochSampler, FixedSizeBatches
 from protein_mlm.preflight import check_config
-from protein_mlm.samplers import EpochSampler, FixedSizeBatches
 from protein_mlm.train import build_datamodule, train
+from protein_mlm.training.debug.callbacks import batch_digest
 from tests.conftest import TINY, compose_config, run_cli
 
 RUN = [
@@ -20,7 +20,7 @@ RUN = [
     "data.max_length=128",
     "data.max_tokens=1024",
     "callbacks.resume_checkpoint.every_n_train_steps=1000",
-    "+callbacks.recorder._target_=protein_mlm.debug.callbacks.BatchRecorder",
+    "+callbacks.recorder._target_=protein_mlm.training.debug.callbacks.BatchRecorder",
     "+callbacks.recorder.path=${paths.output_dir}/batches.jsonl",
 ]
 

@@ -9,12 +9,13 @@ from omegaconf import OmegaConf
 from transformers import EsmForMaskedLM
 from transformers.models.esm.modeling_esm import EsmLayer
 
+from protein_mlm.data.masking import collate, mask_tokens
+from protein_mlm.data.packing import collate_packed
 from protein_mlm.errors import ConfigError
-from protein_mlm.fast_layer import FastEsmLayer, make_fast
-from protein_mlm.masking import collate, mask_tokens
-from protein_mlm.model import build_model, esm_config
-from protein_mlm.module import MaskedLMModule
-from protein_mlm.packing import collate_packed, packed_logits
+from protein_mlm.model.esm import build_model, esm_config
+from protein_mlm.model.fast_layer import FastEsmLayer, make_fast
+from protein_mlm.model.packed import packed_logits
+from protein_mlm.training.module import MaskedLMModule
 from tests.conftest import compose_config
 
 TINY_ARCH = OmegaConf.to_container(compose_config("model=tiny").model.architecture, resolve=True)

@@ -2,10 +2,10 @@
 
 import pytest
 
+from protein_mlm.data.fasta import read_fasta
+from protein_mlm.data.preprocess import build_splits
 from protein_mlm.errors import ConfigError, DataError
-from protein_mlm.fasta import read_fasta
 from protein_mlm.preflight import check_config
-from protein_mlm.preprocess import build_splits
 from tests.conftest import compose_config
 
 

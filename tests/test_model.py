@@ -4,9 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from protein_mlm import attention
-from protein_mlm.model import build_model, count_parameters
-from protein_mlm.tokenizer import MASK_ID, PAD_ID
+from protein_mlm.data.tokenizer import MASK_ID, PAD_ID
+from protein_mlm.model import attention
+from protein_mlm.model.esm import build_model, count_parameters
 from tests.conftest import compose_config
 
 # Parameters of the Hugging Face checkpoints (the "Model size" the Hub reads from model.safetensors).

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from protein_mlm.masking import IGNORE_INDEX, collate, mask_tokens
-from protein_mlm.module import MaskedLMModule
+from protein_mlm.data.masking import IGNORE_INDEX, collate, mask_tokens
+from protein_mlm.training.module import MaskedLMModule
 from tests.conftest import compose_config
 
 TINY_ARCH = OmegaConf.to_container(compose_config("model=tiny").model.architecture, resolve=True)  # dropout 0

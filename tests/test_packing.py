@@ -7,14 +7,16 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import EsmForMaskedLM
 
-from protein_mlm import attention, packing
-from protein_mlm.checkpoint import export_hf
-from protein_mlm.masking import IGNORE_INDEX, collate, mask_tokens
-from protein_mlm.model import build_model, esm_config
-from protein_mlm.module import MaskedLMModule
-from protein_mlm.packing import SEGMENT_BUCKET, PackedBatches, best_fit_rows, collate_packed, packed_logits
-from protein_mlm.tblog import read_scalars
+from protein_mlm.data import packing
+from protein_mlm.data.masking import IGNORE_INDEX, collate, mask_tokens
+from protein_mlm.data.packing import SEGMENT_BUCKET, PackedBatches, best_fit_rows, collate_packed
+from protein_mlm.model import attention
+from protein_mlm.model.esm import build_model, esm_config
+from protein_mlm.model.packed import packed_logits
+from protein_mlm.reporting.tblog import read_scalars
 from protein_mlm.train import train
+from protein_mlm.training.checkpoint import export_hf
+from protein_mlm.training.module import MaskedLMModule
 from tests.conftest import compose_config
 
 TINY_ARCH = OmegaConf.to_container(compose_config("model=tiny").model.architecture, resolve=True)
@@ -247,7 +249,7 @@ def test_compiled_layers_match_eager_and_compile_once_for_packed_batches():
 
 
 def test_compile_without_a_compiler_falls_back_with_a_warning(monkeypatch, caplog):
-    from protein_mlm import model
+    from protein_mlm.model import esm as model
 
     monkeypatch.setattr(model.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)

@@ -7,10 +7,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from protein_mlm.errors import ConfigError
-from protein_mlm.model import build_model
-from protein_mlm.perf import flops_per_step, lookup_peak_tflops, resolve_peak_tflops
+from protein_mlm.model.esm import build_model
+from protein_mlm.model.perf import flops_per_step, lookup_peak_tflops, resolve_peak_tflops
 from protein_mlm.preflight import check_config
-from protein_mlm.tblog import read_scalars
+from protein_mlm.reporting.tblog import read_scalars
 from protein_mlm.train import build_datamodule, build_module, train
 from tests.conftest import compose_config
 
@@ -157,7 +157,7 @@ def test_fp16_with_fused_optimizer_and_clipping_is_a_config_error(tiny_cfg):
     ],
 )
 def test_model_compile_setting_resolves(monkeypatch, caplog, setting, max_steps, compiler, expected):
-    from protein_mlm import model
+    from protein_mlm.model import esm as model
     from protein_mlm.plan import resolve_compile
 
     monkeypatch.setattr(model.shutil, "which", lambda name: "/usr/bin/g++" if compiler else None)

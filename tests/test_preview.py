@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from protein_mlm import schedules
-from protein_mlm.lr_plan import audit_logged_lrs, plotted_steps
 from protein_mlm.preview import preview
+from protein_mlm.reporting.lr_plan import audit_logged_lrs, plotted_steps
 from protein_mlm.sweep import expand_sweep
+from protein_mlm.training import schedules
 from tests.conftest import ROOT
 
 

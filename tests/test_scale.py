@@ -12,16 +12,16 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from protein_mlm.data import MaskedSequenceDataset
+from protein_mlm.data.datamodule import MaskedSequenceDataset
+from protein_mlm.data.fasta import read_fasta
+from protein_mlm.data.masking import IGNORE_INDEX
+from protein_mlm.data.preprocess import BUNDLED_FASTA, build_splits, decode_ids, is_val_sequence
+from protein_mlm.data.samplers import EpochSampler, TokenBudgetBatchSampler
+from protein_mlm.data.streaming import StreamingFastaDataset
+from protein_mlm.data.tokenizer import encode_residues
 from protein_mlm.errors import ConfigError
-from protein_mlm.fasta import read_fasta
-from protein_mlm.masking import IGNORE_INDEX
 from protein_mlm.preflight import check_config
-from protein_mlm.preprocess import BUNDLED_FASTA, build_splits, decode_ids, is_val_sequence
-from protein_mlm.samplers import EpochSampler, TokenBudgetBatchSampler
-from protein_mlm.streaming import StreamingFastaDataset
-from protein_mlm.tblog import read_scalars
-from protein_mlm.tokenizer import encode_residues
+from protein_mlm.reporting.tblog import read_scalars
 from protein_mlm.train import build_datamodule, train
 
 from .conftest import TINY, compose_config, run_cli
@@ -67,7 +67,7 @@ def as_tuple(stats):
 def test_chunked_preprocessing_gives_the_same_ids_in_the_same_order(tmp_path, monkeypatch):
     bundled = Path(str(BUNDLED_FASTA))
     expected, expected_stats = reference_splits(bundled, None, 0.03)
-    monkeypatch.setattr("protein_mlm.preprocess.CHUNK_RECORDS", 777)  # several chunks, a partial last one
+    monkeypatch.setattr("protein_mlm.data.preprocess.CHUNK_RECORDS", 777)  # several chunks, a partial last one
     splits, stats = build_splits(bundled, None, 0.03, out_dir=tmp_path / "bundled")
     assert as_tuple(stats) == expected_stats
     for name in ("train", "val"):
@@ -123,7 +123,7 @@ def test_ranks_get_disjoint_equal_shares_of_each_epoch(world):
 
 
 def test_validation_shards_pad_with_weightless_samples(cache_dir):
-    from protein_mlm.data import ProteinDataModule
+    from protein_mlm.data.datamodule import ProteinDataModule
 
     dm = ProteinDataModule(max_length=64, max_tokens=512, cache_dir=str(cache_dir))
     dm.setup()
@@ -320,14 +320,14 @@ def test_slurm_experiment_sizes_the_job_from_the_trainer():
     assert cfg.trainer.strategy._target_.endswith("DDPStrategy") and cfg.model.name == "esm2_650m"
     assert accumulation_steps(cfg) == 4  # 2^21 tokens per update / (16,384 tokens x 8 GPUs x 4 nodes)
     cfg = compose_checked("train", ["experiment=slurm_multinode", "model=esm2_3b", "trainer=fsdp"])
-    assert cfg.trainer.strategy._target_ == "protein_mlm.parallel.fsdp_strategy" and cfg.trainer.num_nodes == 2
+    assert cfg.trainer.strategy._target_ == "protein_mlm.model.parallel.fsdp_strategy" and cfg.trainer.num_nodes == 2
     check_config(cfg)  # no GPU needed to submit
     check_multirun_processes(cfg)  # SLURM starts every process itself: several per job are fine
 
 
 def test_memory_formula():
-    from protein_mlm.model import build_model, count_parameters
-    from protein_mlm.parallel import training_state_bytes_per_gpu
+    from protein_mlm.model.esm import build_model, count_parameters
+    from protein_mlm.model.parallel import training_state_bytes_per_gpu
 
     cfg = compose_config("model=esm2_650m")
     params = count_parameters(build_model(OmegaConf.to_container(cfg.model.architecture), device="meta"))

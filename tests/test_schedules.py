@@ -12,8 +12,8 @@ from transformers import (
     get_polynomial_decay_schedule_with_warmup,
 )
 
-from protein_mlm import schedules
-from protein_mlm.schedules import lambda_scheduler
+from protein_mlm.training import schedules
+from protein_mlm.training.schedules import lambda_scheduler
 
 PEAK = 4e-4
 

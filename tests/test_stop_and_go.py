@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from protein_mlm.tblog import read_scalars
+from protein_mlm.reporting.tblog import read_scalars
 from tests.conftest import run_cli
 
 # 60 training sequences of 1,024-token batches: 7 batches an epoch, so a dozen updates span several epochs.
@@ -31,7 +31,7 @@ BASE = [
     "callbacks.resume_checkpoint.every_n_train_steps=2",
     "print_config=false",
     "num_threads=1",  # a fixed thread count keeps CPU arithmetic identical between the runs
-    "+callbacks.recorder._target_=protein_mlm.debug.callbacks.BatchRecorder",
+    "+callbacks.recorder._target_=protein_mlm.training.debug.callbacks.BatchRecorder",
     "+callbacks.recorder.path=${paths.output_dir}/batches.jsonl",
 ]
 
@@ -48,7 +48,7 @@ def interrupt_overrides(point, signal_name: str, first: bool) -> list[str]:
     in_validation = point[0] == "val"
     step, micro = (point[1], 0) if in_validation else point
     return [
-        f"{plus}callbacks.interrupt._target_=protein_mlm.debug.callbacks.Interrupt",
+        f"{plus}callbacks.interrupt._target_=protein_mlm.training.debug.callbacks.Interrupt",
         f"{plus}callbacks.interrupt.at_step={step}",
         f"{plus}callbacks.interrupt.micro_batch={micro}",
         f"{plus}callbacks.interrupt.in_validation={in_validation}",
@@ -152,7 +152,7 @@ def test_a_full_disk_mid_run_is_one_line_and_loses_no_checkpoint(tmp_path, small
     import torch
 
     run_dir = tmp_path / "run"
-    full_disk = ["+callbacks.disk._target_=protein_mlm.debug.callbacks.DiskFull", "+callbacks.disk.at_step=5"]
+    full_disk = ["+callbacks.disk._target_=protein_mlm.training.debug.callbacks.DiskFull", "+callbacks.disk.at_step=5"]
     result = run_cli(*BASE, *small_fasta, "trainer.max_steps=12", *full_disk, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     last_line = result.stderr.strip().splitlines()[-1]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from protein_mlm import schedules
+from protein_mlm.reporting.tblog import read_scalars
 from protein_mlm.sweep import job_dir_name, swept_keys
-from protein_mlm.tblog import read_scalars
+from protein_mlm.training import schedules
 from tests.conftest import ROOT, TINY, run_cli
 
 SWEEP = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))] + [
@@ -127,7 +127,7 @@ def test_parallel_launchers(tmp_path, launcher):
 
 
 def test_summary_plot_has_lr_train_and_validation_panels_in_numeric_order(tmp_path):
-    from protein_mlm.summary import plot_sweep
+    from protein_mlm.reporting.summary import plot_sweep
 
     jobs = {w: {"lr-inverse_sqrt": [(0, 0.1), (1, 0.2)], "train/loss": [(0, 3.4), (1, 3.3)], "val/loss": [(1, 3.2)]}
             for w in (100, 30, 5)}  # fmt: skip

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from protein_mlm import schedules
-from protein_mlm.callbacks import TrainingDiverged
-from protein_mlm.tblog import read_scalars
+from protein_mlm.reporting.tblog import read_scalars
 from protein_mlm.train import train
+from protein_mlm.training import schedules
+from protein_mlm.training.callbacks import TrainingDiverged
 
 
 def run(cfg) -> tuple[dict, dict, Path]:
@@ -115,7 +115,7 @@ def test_training_and_evaluation_make_no_network_call(tiny_cfg, monkeypatch):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from protein_mlm.evaluate import evaluate
+    from protein_mlm.inference.evaluate import evaluate
     from tests.conftest import CONFIG_DIR
 
     fasta = Path(cfg.paths.output_dir).parent / "x.fasta"

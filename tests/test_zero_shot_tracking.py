@@ -11,8 +11,8 @@ from protein_mlm.inference.loading import load_model
 from protein_mlm.inference.score import spearman
 from protein_mlm.inference.tracking import load_scan
 from protein_mlm.inference.zero_shot import score_mutants
-from protein_mlm.summary import write_summary
-from protein_mlm.tblog import read_scalars
+from protein_mlm.reporting.summary import write_summary
+from protein_mlm.reporting.tblog import read_scalars
 from protein_mlm.train import train
 from tests.conftest import TINY, run_cli
 

@@ -4,7 +4,6 @@ Hydra prints multi-line errors (and tracebacks, e.g. for a run dir it cannot cre
 code runs. So the overrides are composed and checked here first; a bad one ends with one line and exit 2.
 """
 
-import errno
 import importlib.resources
 import logging
 import math
@@ -23,14 +22,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError, UserError
-from .overrides import nearest_key, override_key
-from .sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation, write_status
+from protein_mlm.errors import STORAGE_ERRORS, ConfigError, UserError, fail
+from protein_mlm.overrides import nearest_key, override_key
+from protein_mlm.sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation, write_status
 
 log = logging.getLogger(__name__)
-EXIT_USER_ERROR = 2
-# Failures of the storage, not of the program: one line, like a user error (e.g. a disk that fills up mid-run).
-STORAGE_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 
 # hydra.sweep.subdir: jobs are named by the values of the swept keys only, e.g. scheduler.warmup_steps=1000
 OmegaConf.register_new_resolver(
@@ -66,11 +62,6 @@ def copy_configs_main() -> None:
 
 
 CONFIG_DIR = find_config_dir()
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USER_ERROR)
 
 
 def _one_line(error: BaseException) -> str:
@@ -286,14 +277,14 @@ def run(config_name: str, task, check) -> None:
 
 def train_main() -> None:
     """Entry point of `python train.py` and the `protein-mlm-train` console script."""
-    from .preflight import check_config
-    from .train import train
+    from protein_mlm.preflight import check_config
+    from protein_mlm.train import train
 
     run("train", train, check_config)
 
 
 def eval_main() -> None:
     """Entry point of `python eval.py` and the `protein-mlm-eval` console script."""
-    from .evaluate import check_eval_config, evaluate
+    from protein_mlm.inference.evaluate import check_eval_config, evaluate
 
     run("eval", evaluate, check_eval_config)

@@ -1,5 +1,18 @@
 """Errors caused by the user's input: reported as one line, without a traceback."""
 
+import errno
+import sys
+
+EXIT_USER_ERROR = 2
+# Failures of the storage, not of the program: one line, like a user error (e.g. a disk that fills up mid-run).
+STORAGE_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
+
+
+def fail(message: str) -> None:
+    """Report a user error as one line on stderr and exit with EXIT_USER_ERROR (no traceback)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
 
 class UserError(Exception):
     """A problem the user can fix; the message names the problem and the fix."""

@@ -11,11 +11,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .attention import varlen_available
-from .errors import ConfigError
-from .model import build_model, can_compile, count_parameters
-from .perf import cpu_flags, resolve_peak_tflops
-from .sweep import validation_steps
+from protein_mlm.errors import ConfigError
+from protein_mlm.model.attention import varlen_available
+from protein_mlm.model.esm import build_model, can_compile, count_parameters
+from protein_mlm.model.perf import cpu_flags, resolve_peak_tflops
+from protein_mlm.sweep import validation_steps
 
 AUTO_WORKERS = 4  # data.num_workers=auto on a GPU: loader processes per training process (scripts/loader_speed.py)
 COMPILE_MIN_STEPS = 100  # model.compile=auto: shorter runs rarely earn back a one-off compile of the layers
@@ -200,7 +200,7 @@ def plan_rows(cfg: DictConfig, plan: RunPlan, train_tokens: int | None) -> list[
 
 def zero_shot_cost(zero_shot: DictConfig, devices: int) -> str:
     """What callbacks.zero_shot adds to every validation: sequences read, split over the ranks."""
-    from .inference.tracking import load_scan, passes_per_validation
+    from protein_mlm.inference.tracking import load_scan, passes_per_validation
 
     scans = [load_scan(dict(spec)) for spec in zero_shot.get("scans") or []]
     strategy = zero_shot.get("strategy", "masked-marginals")

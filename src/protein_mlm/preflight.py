@@ -7,13 +7,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import memory
-from .checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
-from .errors import ConfigError
-from .model import build_model, count_parameters
-from .packing import check_packing_options
-from .plan import RunPlan, num_devices, resolve, uses_gpu
-from .streaming import check_streaming_options
+from protein_mlm.data.packing import check_packing_options
+from protein_mlm.data.streaming import check_streaming_options
+from protein_mlm.errors import ConfigError
+from protein_mlm.model import memory
+from protein_mlm.model.esm import build_model, count_parameters
+from protein_mlm.plan import RunPlan, num_devices, resolve, uses_gpu
+from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
 
 log = logging.getLogger(__name__)
 

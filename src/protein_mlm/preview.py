@@ -3,12 +3,12 @@ as training; multirun-style lists (scheduler=inverse_sqrt,linear) give one curve
 
 from pathlib import Path
 
-from .cli import compose_checked
-from .lr_plan import plot_lr_curves
-from .overrides import override_key
-from .plan import build_schedule
-from .sweep import expand_sweep
-from .train import schedule_label
+from protein_mlm.cli import compose_checked
+from protein_mlm.overrides import override_key
+from protein_mlm.plan import build_schedule
+from protein_mlm.reporting.lr_plan import plot_lr_curves
+from protein_mlm.sweep import expand_sweep
+from protein_mlm.train import schedule_label
 
 
 def preview(*override_groups: list[str], out: str | Path) -> tuple[list[tuple], object]:

@@ -13,8 +13,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .overrides import override_key
-from .summary import STATUS_FILE, write_summary
+from protein_mlm.overrides import override_key
+from protein_mlm.reporting.summary import STATUS_FILE, write_summary
 
 log = logging.getLogger(__name__)
 

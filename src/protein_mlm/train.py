@@ -13,17 +13,17 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from .callbacks import Preempted
-from .console import route_records, silence_lightning_noise
-from .debug.callbacks import NanGradients
-from .lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
-from .metering import ThroughputMeter
-from .module import MaskedLMModule
-from .plan import RunPlan, plan_rows, split_optimizer_config, split_scheduler_config
-from .preflight import check_config
-from .reporting import print_config_tree, print_plan, print_summary
-from .sweep import write_status
-from .tblog import read_scalars
+from protein_mlm.plan import RunPlan, plan_rows, split_optimizer_config, split_scheduler_config
+from protein_mlm.preflight import check_config
+from protein_mlm.reporting.console import route_records, silence_lightning_noise
+from protein_mlm.reporting.lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
+from protein_mlm.reporting.tables import print_config_tree, print_plan, print_summary
+from protein_mlm.reporting.tblog import read_scalars
+from protein_mlm.sweep import write_status
+from protein_mlm.training.callbacks import Preempted
+from protein_mlm.training.debug.callbacks import NanGradients
+from protein_mlm.training.metering import ThroughputMeter
+from protein_mlm.training.module import MaskedLMModule
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,7 @@
 
 import logging
 
-from ..cli import STORAGE_ERRORS, fail
-from ..errors import UserError
+from protein_mlm.errors import STORAGE_ERRORS, UserError, fail
 
 
 def argparse_main(create_parser, run_tool) -> None:
@@ -25,13 +24,13 @@ def argparse_main(create_parser, run_tool) -> None:
 
 def embed_main() -> None:
     """Entry point of `python embed.py` and the `protein-mlm-embed` console script."""
-    from .embed import create_parser, run
+    from protein_mlm.inference.embed import create_parser, run
 
     argparse_main(create_parser, run)
 
 
 def score_main() -> None:
     """Entry point of `python score.py` and the `protein-mlm-score` console script."""
-    from .score import create_parser, run
+    from protein_mlm.inference.score import create_parser, run
 
     argparse_main(create_parser, run)

@@ -5,7 +5,7 @@ from typing import Any
 import torch
 from transformers import EsmForMaskedLM
 
-from ..model import build_model
+from protein_mlm.model.esm import build_model
 
 # fair-esm TransformerLayer -> HF EsmLayer parameter names (weights and biases alike).
 LAYER_NAMES = {

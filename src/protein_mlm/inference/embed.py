@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from ..errors import ConfigError, DataError
-from ..fasta import read_fasta_records
-from ..tokenizer import CLS_ID, EOS_ID, PAD_ID, encode_residues
-from .loading import LoadedModel, device_for, load_model
-from .writers import NpyWriter, PtWriter, Record, check_manifest
+from protein_mlm.data.fasta import read_fasta_records
+from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, PAD_ID, encode_residues
+from protein_mlm.errors import ConfigError, DataError
+from protein_mlm.inference.loading import LoadedModel, device_for, load_model
+from protein_mlm.inference.writers import NpyWriter, PtWriter, Record, check_manifest
 
 log = logging.getLogger(__name__)
 KINDS = ("mean", "per_tok", "bos", "contacts")

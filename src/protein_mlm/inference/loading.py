@@ -8,16 +8,16 @@ from typing import Any
 import torch
 from transformers import EsmConfig, EsmForMaskedLM
 
-from .. import attention
-from ..checkpoint import (
+from protein_mlm.data.tokenizer import VOCAB
+from protein_mlm.errors import ConfigError
+from protein_mlm.model import attention
+from protein_mlm.training.checkpoint import (
     CONTACT_HEAD_KEY,
     describe_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
     resolve_checkpoint,
 )
-from ..errors import ConfigError
-from ..tokenizer import VOCAB
 
 # EsmConfig fields a MaskedLMModule's architecture dict carries (model.esm_config adds the alphabet).
 CONFIG_FIELDS = (

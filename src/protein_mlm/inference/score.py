@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError, DataError
-from .loading import device_for, load_model, resolve_model
-from .zero_shot import STRATEGIES, WINDOWS, Mutation, check_sequence, parse_mutant, score_mutants
+from protein_mlm.errors import ConfigError, DataError
+from protein_mlm.inference.loading import device_for, load_model, resolve_model
+from protein_mlm.inference.zero_shot import STRATEGIES, WINDOWS, Mutation, check_sequence, parse_mutant, score_mutants
 
 
 def create_parser() -> argparse.ArgumentParser:

@@ -14,9 +14,9 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 
-from ..errors import ConfigError
-from .score import parse_scan, read_scan, spearman
-from .zero_shot import STRATEGIES, Mutation, check_sequence, score_mutants
+from protein_mlm.errors import ConfigError
+from protein_mlm.inference.score import parse_scan, read_scan, spearman
+from protein_mlm.inference.zero_shot import STRATEGIES, Mutation, check_sequence, score_mutants
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 

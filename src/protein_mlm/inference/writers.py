@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from protein_mlm.errors import ConfigError
 
 
 @dataclass

@@ -9,8 +9,8 @@ import time
 
 import pytorch_lightning as pl
 
-from .perf import flops_per_step
-from .updates import UpdateRecord
+from protein_mlm.model.perf import flops_per_step
+from protein_mlm.training.updates import UpdateRecord
 
 
 class ThroughputMeter(pl.Callback):

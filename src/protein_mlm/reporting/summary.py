@@ -13,8 +13,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .overrides import override_key, override_value
-from .tblog import read_scalars
+from protein_mlm.overrides import override_key, override_value
+from protein_mlm.reporting.tblog import read_scalars
 
 STATUS_FILE = "status.json"  # how a run ended, written by sweep.write_status
 

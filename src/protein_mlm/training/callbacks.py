@@ -15,8 +15,8 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from .console import stdout_is_terminal
-from .errors import TrainingDiverged, UserError
+from protein_mlm.errors import TrainingDiverged, UserError
+from protein_mlm.reporting.console import stdout_is_terminal
 
 log = logging.getLogger(__name__)
 

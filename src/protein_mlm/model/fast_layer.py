@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.esm.modeling_esm import EsmLayer
 
-from . import attention
-from .errors import ConfigError
+from protein_mlm.errors import ConfigError
+from protein_mlm.model import attention
 
 
 class FastEsmLayer(EsmLayer):

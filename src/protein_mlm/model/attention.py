@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-from .perf import cpu_flags
+from protein_mlm.model.perf import cpu_flags
 
 NAME = "protein_mlm_sdpa"  # what `attn_implementation: sdpa` in a model config selects
 FLASH_DTYPES = (torch.float16, torch.bfloat16)

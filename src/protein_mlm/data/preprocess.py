@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 
-from .clusters import record_clusters
-from .errors import DataError
-from .fasta import read_fasta, sequence_digest
-from .tokenizer import VOCAB, encode_residues
+from protein_mlm.data.clusters import record_clusters
+from protein_mlm.data.fasta import read_fasta, sequence_digest
+from protein_mlm.data.tokenizer import VOCAB, encode_residues
+from protein_mlm.errors import DataError
 
 _LETTERS = np.frombuffer("".join(t if len(t) == 1 else "?" for t in VOCAB).encode(), dtype=np.uint8)
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from transformers import EsmConfig, EsmForMaskedLM
 
-from . import attention
-from .fast_layer import use_fast_layers
-from .tokenizer import MASK_ID, PAD_ID, VOCAB
+from protein_mlm.data.tokenizer import MASK_ID, PAD_ID, VOCAB
+from protein_mlm.model import attention
+from protein_mlm.model.fast_layer import use_fast_layers
 
 log = logging.getLogger(__name__)
 

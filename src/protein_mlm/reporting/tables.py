@@ -8,7 +8,7 @@ import rich.table
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
 
-from .console import FILE_ONLY
+from protein_mlm.reporting.console import FILE_ONLY
 
 FIRST_GROUPS = ("data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths")
 

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AMINO_ACID_IDS
+from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AMINO_ACID_IDS
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross-entropy default)
 

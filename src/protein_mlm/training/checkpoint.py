@@ -9,9 +9,9 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from transformers import EsmForMaskedLM
 
-from .errors import ConfigError
-from .model import build_model
-from .tokenizer import load_tokenizer
+from protein_mlm.data.tokenizer import load_tokenizer
+from protein_mlm.errors import ConfigError
+from protein_mlm.model.esm import build_model
 
 # Version 2: the data position lives in the training loader's state (loader.ResumableLoader), counters are at an
 # update boundary. A checkpoint without it (or older) cannot continue a run exactly.

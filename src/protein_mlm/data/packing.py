@@ -2,7 +2,8 @@
 
 No padding inside a row's sequences, so no FLOPs spent on pads, and one token shape for the whole run (what
 `torch.compile` wants). Attention never crosses a sequence boundary: each sequence is a segment of `cu_seqlens`
-(varlen flash attention on CUDA; a block-diagonal mask elsewhere, see attention.py); positions restart at every
+(varlen flash attention on CUDA; a block-diagonal mask elsewhere, see model/attention.py; the packed forward
+is model/packed.py); positions restart at every
 sequence; ESM's token dropout is computed per sequence, not per row. A row's unused tail is one segment of padding
 without targets.
 
@@ -17,12 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
-from .samplers import rank_share
-from .tokenizer import MASK_ID, PAD_ID
+from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
+from protein_mlm.data.samplers import rank_share
+from protein_mlm.data.tokenizer import PAD_ID
+from protein_mlm.errors import ConfigError
 
-MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM's token-dropout constant (the <mask> share of tokens in its training)
 SEGMENT_BUCKET = 64  # cu_seqlens grows in steps of this many segments: few distinct shapes, at most 63 empty ones
 MAX_SEGMENTS = 65_535  # flash attention launches a grid dimension per segment; CUDA caps it at 65,535
 
@@ -160,41 +160,3 @@ def collate_packed(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: int,
         "max_seqlen": row_tokens,
         COUNTS_KEY: BatchCounts(sum(lengths), input_ids.numel(), sum(n * n for n in lengths)),
     }
-
-
-def packed_embeddings(model, input_ids: torch.Tensor, segment_ids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Word embeddings with ESM's token dropout per sequence (HF computes it per row, and a row is many sequences)."""
-    embeddings = model.esm.embeddings.word_embeddings(input_ids)
-    if not model.config.token_dropout:
-        return embeddings
-    is_mask = input_ids.eq(MASK_ID)
-    embeddings = embeddings.masked_fill(is_mask.unsqueeze(-1), 0.0)
-    flat = segment_ids.flatten()
-    masked = torch.zeros(len(sizes), device=input_ids.device).index_add_(0, flat, is_mask.flatten().float())
-    observed = (masked / sizes)[flat].view_as(input_ids)
-    return (embeddings * ((1 - MASK_RATIO_TRAIN) / (1 - observed)).unsqueeze(-1)).to(embeddings.dtype)
-
-
-def packed_logits(model, batch: dict[str, Any]) -> torch.Tensor:
-    """`EsmForMaskedLM` logits of a packed batch; the module tree and weights are the model's own."""
-    cu_seqlens = batch["cu_seqlens"]
-    if not torch.compiler.is_compiling():  # its length varies by batch: one dynamic graph, not one per bucket
-        torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
-    sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).float()  # tokens per sequence (empty ones unused)
-    position_ids = batch["position_ids"]
-    if model.config.position_embedding_type == "absolute":  # ESM-1b's learned positions start after the pad id
-        position_ids = position_ids + model.config.pad_token_id + 1
-    words = packed_embeddings(model, batch["input_ids"], batch["segment_ids"], sizes)
-    # EsmModel skips its embedding module when given inputs_embeds: add positions (and any LayerNorm) here.
-    embeddings = model.esm.embeddings(inputs_embeds=words, position_ids=position_ids)
-    # No position_ids to the model: absolute positions are in `embeddings` already, rotary is relative (offsets
-    # within a row leave q.k unchanged), and transformers >= 5.2x reads packed position_ids with a host sync
-    # (`find_packed_sequence_indices(...).all()`) when it builds the mask.
-    return model(
-        inputs_embeds=embeddings,
-        cu_seq_lens_q=cu_seqlens,
-        cu_seq_lens_k=cu_seqlens,
-        max_length_q=batch["max_seqlen"],
-        max_length_k=batch["max_seqlen"],
-        segment_ids=batch["segment_ids"],  # the attention's block-diagonal reference path reads it
-    ).logits

@@ -6,8 +6,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DataError
-from .tokenizer import RESIDUES
+from protein_mlm.data.tokenizer import RESIDUES
+from protein_mlm.errors import DataError
 
 _VALID = (RESIDUES + RESIDUES.lower()).encode()
 

@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.feather as feather
 
-from .errors import DataError
-from .fasta import open_maybe_gzipped, read_fasta, sequence_digest
-from .tokenizer import encode_residues
+from protein_mlm.data.fasta import open_maybe_gzipped, read_fasta, sequence_digest
+from protein_mlm.data.tokenizer import encode_residues
+from protein_mlm.errors import DataError
 
 log = logging.getLogger(__name__)
 

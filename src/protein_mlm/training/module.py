@@ -10,14 +10,14 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
-from .checkpoint import CHECKPOINT_FORMAT, CONTACT_HEAD_KEY, FORMAT_KEY, load_pretrained_into
-from .errors import TrainingDiverged
-from .loader import POSITION_KEY
-from .masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
-from .model import build_model
-from .packing import packed_logits
-from .schedules import lambda_scheduler
-from .updates import UpdateLog, UpdateRecord
+from protein_mlm.data.loader import POSITION_KEY
+from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
+from protein_mlm.errors import TrainingDiverged
+from protein_mlm.model.esm import build_model
+from protein_mlm.model.packed import packed_logits
+from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, CONTACT_HEAD_KEY, FORMAT_KEY, load_pretrained_into
+from protein_mlm.training.schedules import lambda_scheduler
+from protein_mlm.training.updates import UpdateLog, UpdateRecord
 
 
 def parameter_groups(model: torch.nn.Module, no_decay_bias_and_norm: bool) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from ..loader import POSITION_KEY
+from protein_mlm.data.loader import POSITION_KEY
 
 
 class Interrupt(pl.Callback):

@@ -10,12 +10,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .clusters import ClusterSampler, build_cluster_sampler, load_row_record_ids
-from .errors import ConfigError, DataError
-from .loader import ResumableLoader
-from .masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
-from .packing import PackedBatches, check_packing_options, collate_packed
-from .preprocess import (
+from protein_mlm.data.clusters import ClusterSampler, build_cluster_sampler, load_row_record_ids
+from protein_mlm.data.loader import ResumableLoader
+from protein_mlm.data.masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
+from protein_mlm.data.packing import PackedBatches, check_packing_options, collate_packed
+from protein_mlm.data.preprocess import (
     BUNDLED_FASTA,
     SplitStats,
     cache_key,
@@ -24,8 +23,9 @@ from .preprocess import (
     residue_lengths,
     unigram_perplexity,
 )
-from .samplers import EpochSampler, FixedSizeBatches, TokenBudgetBatchSampler, padding_index
-from .streaming import check_streaming_options, fasta_files, streaming_loader
+from protein_mlm.data.samplers import EpochSampler, FixedSizeBatches, TokenBudgetBatchSampler, padding_index
+from protein_mlm.data.streaming import check_streaming_options, fasta_files, streaming_loader
+from protein_mlm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import ConfigError
+from protein_mlm.errors import ConfigError
 
 STATE_FORMAT = 1
 POSITION_KEY = "data_position"  # (epoch, batch index in that epoch), added to every training batch

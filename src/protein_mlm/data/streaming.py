@@ -19,11 +19,11 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
-from .errors import ConfigError, DataError
-from .fasta import read_fasta, sequence_digest
-from .masking import collate, crop, mask_tokens, sample_rng
-from .preprocess import decode_ids
-from .tokenizer import encode_residues
+from protein_mlm.data.fasta import read_fasta, sequence_digest
+from protein_mlm.data.masking import collate, crop, mask_tokens, sample_rng
+from protein_mlm.data.preprocess import decode_ids
+from protein_mlm.data.tokenizer import encode_residues
+from protein_mlm.errors import ConfigError, DataError
 
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fasta.gz", ".fa.gz", ".faa.gz", ".fas.gz")
 RECORD_KEY_BITS = 40  # key = file number << 40 | record number: unique for up to 10^12 records per file

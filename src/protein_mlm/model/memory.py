@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .parallel import BYTES_PER_PARAMETER
+from protein_mlm.model.parallel import BYTES_PER_PARAMETER
 
 # Activation bytes per (token x layer x hidden unit) kept for backward, below every measured peak once the training
 # state (16 bytes per parameter) is taken off: ESM-2 35M at 16,384 tokens on CPU (bf16 autocast) about 100, ESM-2

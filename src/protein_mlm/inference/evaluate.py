@@ -9,15 +9,15 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from .data import MaskedSequenceDataset
-from .errors import ConfigError
-from .fasta import read_fasta
-from .inference.loading import load_model, resolve_model
-from .masking import collate
-from .module import MaskedLMModule
-from .preprocess import FEATURES, residue_lengths, unigram_perplexity
-from .samplers import TokenBudgetBatchSampler
-from .tokenizer import encode_residues
+from protein_mlm.data.datamodule import MaskedSequenceDataset
+from protein_mlm.data.fasta import read_fasta
+from protein_mlm.data.masking import collate
+from protein_mlm.data.preprocess import FEATURES, residue_lengths, unigram_perplexity
+from protein_mlm.data.samplers import TokenBudgetBatchSampler
+from protein_mlm.data.tokenizer import encode_residues
+from protein_mlm.errors import ConfigError
+from protein_mlm.inference.loading import load_model, resolve_model
+from protein_mlm.training.module import MaskedLMModule
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from .errors import ConfigError
+from protein_mlm.errors import ConfigError
 
 
 def rank_share(num_items: int, num_replicas: int, rank: int) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Data: readers, preprocessing, batch plans, packing, masking, the DataModule."""

@@ -1,0 +1,1 @@
+"""The model: ESM build, attention kernels, fast layers, parallelism, memory and FLOP estimates."""

@@ -1,0 +1,1 @@
+"""Reporting: console lines, tables, TensorBoard reading, LR plots, sweep summaries."""

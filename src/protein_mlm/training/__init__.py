@@ -1,0 +1,1 @@
+"""Training: the LightningModule, the update window, LR schedules, callbacks, checkpoints."""
