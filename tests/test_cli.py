@@ -1,9 +1,15 @@
 """`python train.py` with bad input: one line naming the problem and the fix, exit 2, no traceback,
 nothing written over an earlier run."""
 
+import subprocess
+import sys
+
 import pytest
 
+from protein_mlm import cli
 from protein_mlm.cli import make_run_dir
+from protein_mlm.preflight import check_config
+from protein_mlm.train import train
 from tests.conftest import CONFIG_DIR, TINY, compose_config, run_cli
 
 QUICK = [o for o in TINY if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=2"]
@@ -49,15 +55,31 @@ def assert_user_error(result, *fragments):
         (["scheduler=linear", "scheduler.warmup_steps=50", "trainer.max_steps=10"], ["warmup_steps=50"]),
     ],
 )
-def test_bad_config_is_rejected_before_anything_runs(tmp_path, overrides, fragments):
+def test_bad_config_is_rejected_before_anything_runs(tmp_path, monkeypatch, capsys, overrides, fragments):
     earlier = tmp_path / "outputs" / "2020-01-01" / "00-00-00"
     (earlier / "checkpoints").mkdir(parents=True)
     (earlier / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
-    result = run_cli(*overrides, cwd=tmp_path)
+    result = run_in_process(monkeypatch, capsys, tmp_path, *overrides)
     assert_user_error(result, *fragments)
     # Rejected before a run dir was made; the earlier run is byte-identical.
     assert [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()] == [earlier / "checkpoints" / "last.ckpt"]
     assert (earlier / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run's checkpoint"
+
+
+def run_in_process(monkeypatch, capsys, cwd, *args: str) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in this process, for input the CLI refuses before Hydra starts (no start-up cost);
+    `test_a_bad_value_is_refused_by_the_real_entry_point` covers the same path through a fresh process."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run("train", train, check_config)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_info.value.code, out.out, out.err)
+
+
+def test_a_bad_value_is_refused_by_the_real_entry_point(tmp_path):
+    assert_user_error(run_cli("optimizer.lr=0", cwd=tmp_path), "optimizer.lr=0", "> 0")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_run_dir_that_cannot_be_created(tmp_path):
