@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from protein_mlm.data.clusters import ClusterSampler, build_cluster_sampler, load_row_record_ids
+from protein_mlm.data.clusters import ClusterSampler, load_cluster_sampler
 from protein_mlm.data.loader import ResumableLoader
 from protein_mlm.data.masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
 from protein_mlm.data.packing import PackedBatches, check_packing_options, collate_packed
@@ -23,6 +23,7 @@ from protein_mlm.data.preprocess import (
     residue_lengths,
     unigram_perplexity,
 )
+from protein_mlm.data.readers import has_record_ids
 from protein_mlm.data.samplers import EpochSampler, FixedSizeBatches, TokenBudgetBatchSampler, padding_index
 from protein_mlm.data.streaming import check_streaming_options, fasta_files, streaming_loader
 from protein_mlm.errors import ConfigError, DataError
@@ -112,6 +113,11 @@ class ProteinDataModule(pl.LightningDataModule):
                 f"data.cluster_map={cluster_map} does not exist; pass a cluster<TAB>member TSV or UniProt's "
                 "idmapping_selected.tab, or data.cluster_map=null for plain sampling"
             )
+        if self.cluster_map is not None and not has_record_ids(self.train_path):
+            raise ConfigError(
+                f"data.cluster_map needs record ids, and {self.train_path} (Parquet) has no `id` column; add one "
+                "holding the map's member ids, or set data.cluster_map=null"
+            )
         self.clusters: ClusterSampler | None = None
         self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
         self.packing = packing
@@ -133,10 +139,10 @@ class ProteinDataModule(pl.LightningDataModule):
     def _cluster_sampler(self) -> ClusterSampler:
         """ESM-2's UniRef50 cluster sampling over the training rows; their record ids are cached beside the data."""
         key = cache_key(
-            self.train_path, self.val_path, self.cluster_map, val_fraction=self.val_fraction, record_ids=True
+            self.train_path, self.val_path, self.cluster_map, val_fraction=self.val_fraction, cluster_arrays=True
         )
-        row_ids = load_row_record_ids(self.train_path, self.splits["train"], self.cache_dir / f"{key}.train_ids.arrow")
-        return build_cluster_sampler(self.cluster_map, row_ids, self.seed, source=str(self.train_path))
+        cache = self.cache_dir / f"{key}.clusters"
+        return load_cluster_sampler(self.cluster_map, self.train_path, self.splits["train"], cache, self.seed)
 
     def state_dict(self) -> dict[str, int]:
         """Streaming only (the map-style loader keeps its own position): batches consumed in the endless epoch."""

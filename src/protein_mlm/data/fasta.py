@@ -40,6 +40,22 @@ def _check_text(path: Path, line_no: int, line: bytes) -> None:
         ) from None
 
 
+def check_residues(residues: bytes, where: str) -> None:
+    """Reject residue text outside the alphabet (alignment gaps get their own hint); `where` locates it."""
+    bad = residues.translate(None, _VALID)
+    if bad and bad.strip(b"-.") == b"":
+        raise DataError(
+            f"{where}: alignment gap characters ('-' or '.'); pass unaligned sequences "
+            "(strip the gaps, e.g. with `seqkit seq -g`)"
+        )
+    if bad:
+        column = next(i for i, c in enumerate(residues, 1) if c not in _VALID)
+        raise DataError(
+            f"{where}:{column}: invalid residue character {chr(bad[0])!r}; "
+            f"sequences may only hold the letters {RESIDUES} (remove or replace it, e.g. by X)"
+        )
+
+
 def read_fasta(path: str | Path) -> Iterator[tuple[str, bytes]]:
     """Yield (record id, upper-case residues) for every record; reject anything that is not clean FASTA."""
     for record_id, _, residues in read_fasta_records(path):
@@ -78,18 +94,7 @@ def read_fasta_records(path: str | Path) -> Iterator[tuple[str, str, bytes]]:
                         f"{path}:{line_no}: sequence text before the first '>' header; "
                         "is this a FASTA file? each record must start with a '>name' line"
                     )
-                bad = line.translate(None, _VALID)
-                if bad and bad.strip(b"-.") == b"":
-                    raise DataError(
-                        f"{path}:{line_no}: alignment gap characters ('-' or '.'); pass unaligned sequences "
-                        "(strip the gaps, e.g. with `seqkit seq -g`)"
-                    )
-                if bad:
-                    column = next(i for i, c in enumerate(line, 1) if c not in _VALID)
-                    raise DataError(
-                        f"{path}:{line_no}:{column}: invalid residue character {chr(bad[0])!r}; "
-                        f"sequences may only hold the letters {RESIDUES} (remove or replace it, e.g. by X)"
-                    )
+                check_residues(line, f"{path}:{line_no}")
                 chunks.append(line)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path} ({e}); pass an intact plain or gzipped FASTA file") from None

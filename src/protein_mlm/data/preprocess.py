@@ -1,4 +1,4 @@
-"""FASTA -> deduplicated, content-hash-split, tokenized Arrow datasets, cached on disk and memory-mapped."""
+"""FASTA or Parquet -> deduplicated, content-hash-split, tokenized Arrow datasets, cached on disk and memory-mapped."""
 
 import hashlib
 import json
@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 
 from protein_mlm.data.clusters import record_clusters
-from protein_mlm.data.fasta import read_fasta, sequence_digest
+from protein_mlm.data.fasta import sequence_digest
+from protein_mlm.data.readers import read_sequences
 from protein_mlm.data.tokenizer import VOCAB, encode_residues
 from protein_mlm.errors import DataError
 
@@ -103,7 +104,7 @@ def _unique_sequences(
     `counts` gains the records read, the empty ones, the duplicates and the excluded ones.
     """
     chunk: list[tuple[str, bytes]] = []
-    for record_id, residues in read_fasta(path):
+    for record_id, residues in read_sequences(path):
         counts["records"] += 1
         if not residues:
             counts["empty"] += 1
