@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from protein_mlm.data.clusters import cluster_arrays, read_cluster_table, row_record_ids
+from protein_mlm.data.clusters import cluster_arrays, match_records, read_cluster_table, row_record_ids
 from protein_mlm.data.datamodule import ProteinDataModule
 from protein_mlm.errors import DataError
 
@@ -62,11 +62,15 @@ def ids_per_row(path: Path, sequences) -> list[list[str]]:
 
 
 def read_cluster_map(path: Path, wanted: set[str] | None = None) -> tuple[dict[str, list[str]], int]:
-    """({cluster: [members in file order, once each]}, clusters in the file), from the Arrow table."""
-    table, in_file = read_cluster_table(path, None if wanted is None else pa.array(sorted(wanted), pa.string()))
+    """({cluster: [members in file order, once each]}, clusters in the file), from the Arrow table; the members
+    (or `wanted`) matched as record ids, which checks that each is in one cluster."""
+    table = read_cluster_table(path)
+    members = sorted(wanted) if wanted is not None else sorted(set(table["member"].to_pylist()))
+    _, _, in_file = match_records(path, pa.table({"id": pa.array(members, pa.string())}))
     clusters: dict[str, dict[str, None]] = {}
     for cluster, member in zip(table["cluster"].to_pylist(), table["member"].to_pylist()):
-        clusters.setdefault(cluster, {})[member] = None
+        if wanted is None or member in wanted:
+            clusters.setdefault(cluster, {})[member] = None
     return {cluster: list(members) for cluster, members in clusters.items()}, in_file
 
 

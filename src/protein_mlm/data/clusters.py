@@ -127,8 +127,8 @@ def _read_columns(path: Path, columns: int) -> pa.Table:
     return pa.table({"first": table["f0"], "member": table[member], "cluster": table[cluster]})
 
 
-def read_cluster_table(path: str | Path, wanted: pa.Array | None = None) -> tuple[pa.Table, int]:
-    """(table of cluster, member in file order; clusters in the file); with `wanted`, only those members."""
+def read_cluster_table(path: str | Path) -> pa.Table:
+    """The map as a table of (cluster, member) strings in file order, comment and blank lines dropped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(
@@ -142,12 +142,19 @@ def read_cluster_table(path: str | Path, wanted: pa.Array | None = None) -> tupl
         raise DataError(
             f"{path} holds no cluster/member lines; pass a cluster<TAB>member TSV or idmapping_selected.tab"
         )
-    in_file = pc.count_distinct(table["cluster"]).as_py()
-    if wanted is not None:
-        table = table.filter(pc.is_in(table["member"], value_set=wanted))
-    if _member_in_two_clusters(table):
-        _check_lines(path, None if wanted is None else set(wanted.to_pylist()))
-    return table, in_file
+    return table
+
+
+def match_records(cluster_map: Path, records: pa.Table) -> tuple[pa.Table, pa.Array, int]:
+    """Join `records` (id, ...) to the map by member id: (the matched records with a `cluster` column indexing
+    the names, the cluster names, clusters in the file). A hash join, no Python loop per line."""
+    table = read_cluster_table(cluster_map)
+    clusters = pc.dictionary_encode(table["cluster"].combine_chunks())
+    map_ids = pa.table({"member": table["member"], "cluster": clusters.indices})
+    joined = records.join(map_ids, keys="id", right_keys="member", join_type="inner")
+    if _member_in_two_clusters(joined):
+        _check_lines(cluster_map, set(joined["id"].to_pylist()))  # names the line (a member in two clusters)
+    return joined, clusters.dictionary, len(clusters.dictionary)
 
 
 def _fast_read(path: Path) -> pa.Table | None:
@@ -179,16 +186,21 @@ def _clean(table: pa.Table, columns: int) -> pa.Table | None:
     return pa.table({"cluster": cluster, "member": member}).filter(keep)
 
 
-def _member_in_two_clusters(table: pa.Table) -> bool:
-    counts = table.group_by("member").aggregate([("cluster", "count_distinct")])
-    return bool(len(counts)) and pc.max(counts["cluster_count_distinct"]).as_py() > 1
+def _member_in_two_clusters(joined: pa.Table) -> bool:
+    """Whether a matched id has two clusters (ids are unique among records, so two lines of one id are a pair)."""
+    if joined.num_rows < 2:
+        return False
+    ids = pc.dictionary_encode(joined["id"].combine_chunks()).indices.to_numpy().astype(np.int64)
+    pairs = np.sort(ids * (1 << 32) + joined["cluster"].to_numpy())
+    ids, first = pairs >> 32, np.concatenate([[True], pairs[1:] != pairs[:-1]])
+    return bool(np.any(ids[first][1:] == ids[first][:-1]))
 
 
 def record_clusters(path: Path, cluster_map: Path) -> dict[str, str]:
     """{record id: cluster} for the records of `path` that the map names (to hold out whole clusters)."""
-    wanted = pa.array([record_id for record_id, _ in read_sequences(path)], pa.string())
-    table, _ = read_cluster_table(cluster_map, wanted=wanted)
-    return dict(zip(table["member"].to_pylist(), table["cluster"].to_pylist()))
+    ids = list(dict.fromkeys(record_id for record_id, _ in read_sequences(path)))
+    joined, names, _ = match_records(cluster_map, pa.table({"id": pa.array(ids, pa.string())}))
+    return dict(zip(joined["id"].to_pylist(), pc.take(names, joined["cluster"]).to_pylist()))
 
 
 def _row_digests(sequences: datasets.Dataset) -> np.ndarray:
@@ -251,28 +263,29 @@ class ClusterSampler:
 def cluster_arrays(cluster_map: Path, records: pa.Table, rows: int, source: str) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, members): the rows of each mapped cluster (clusters in name order, rows ascending, each once),
     then every row in no cluster as a singleton; a hash join and sorts, no Python loop per member."""
-    table, in_file = read_cluster_table(cluster_map, wanted=records["id"])
-    joined = records.join(table, keys="id", right_keys="member", join_type="inner")
+    joined, names, in_file = match_records(cluster_map, records)
     if not joined.num_rows:
         example = records["id"][0].as_py() if records.num_rows else "?"
         raise DataError(
             f"no member id in {cluster_map} is a record id of {source} (e.g. {example!r}); the members must be the "
             "record ids (the first word of each FASTA header, e.g. UniRef90_P12345, or a Parquet `id`)"
         )
-    names = pc.sort_indices(pc.unique(joined["cluster"]))  # by name: draws do not depend on the file's line order
-    names = pc.take(pc.unique(joined["cluster"]), names)
-    cluster = pc.index_in(joined["cluster"], value_set=names).to_numpy().astype(np.int64)
-    pairs = np.unique(cluster * rows + joined["row"].to_numpy())  # a duplicated sequence counts once per cluster
-    owner, members = np.divmod(pairs, rows)
+    rank = np.empty(len(names), dtype=np.int64)  # by name: the draws do not depend on the file's line order
+    rank[pc.sort_indices(names).to_numpy()] = np.arange(len(names))
+    pairs = np.sort(rank[joined["cluster"].to_numpy()] * rows + joined["row"].to_numpy())
+    pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])]  # a duplicated sequence counts once
+    named, members = np.divmod(pairs, rows)
+    starts = np.concatenate([[True], named[1:] != named[:-1]])  # clusters without a matched member are dropped
+    used = int(starts.sum())
     clustered = np.zeros(rows, dtype=bool)
     clustered[members] = True
     singletons = np.flatnonzero(~clustered)  # unmapped sequences are kept, each as its own cluster
-    sizes = np.concatenate([np.bincount(owner, minlength=len(names)), np.ones(len(singletons), np.int64)])
+    sizes = np.concatenate([np.diff(np.flatnonzero(np.append(starts, True))), np.ones(len(singletons), np.int64)])
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    if in_file > len(names):
+    if in_file > used:
         log.warning(
             "Cluster sampling: dropped %d of the %d clusters in %s, none of whose members is in %s",
-            in_file - len(names),
+            in_file - used,
             in_file,
             cluster_map,
             source,
@@ -281,7 +294,7 @@ def cluster_arrays(cluster_map: Path, records: pa.Table, rows: int, source: str)
         "Cluster sampling: %d clusters (%d from %s, %d singletons of unmapped sequences) over %d sequences; "
         "largest cluster %d, mean %.2f members",
         len(sizes),
-        len(names),
+        used,
         cluster_map,
         len(singletons),
         rows,
@@ -295,20 +308,24 @@ def load_cluster_sampler(
     cluster_map: Path, path: Path, sequences: datasets.Dataset, cache: Path, seed: int
 ) -> ClusterSampler:
     """The cluster sampler of `sequences` (read from `path`), its arrays built once into `cache` and memory-mapped."""
-    if not _cache_fits(cache, len(sequences)):
+    arrays = open_cluster_cache(cache, len(sequences))
+    if arrays is None:
         records = row_record_ids(path, sequences)
         offsets, members = cluster_arrays(cluster_map, records, len(sequences), source=str(path))
-        _write_cache(cache, offsets, members, len(sequences))
-    offsets, members = (np.load(cache / f"{name}.npy", mmap_mode="r") for name in ("offsets", "members"))
-    return ClusterSampler(offsets=offsets, members=members, seed=seed)
+        write_cluster_cache(cache, offsets, members, rows=len(sequences))
+        arrays = open_cluster_cache(cache, len(sequences))
+    return ClusterSampler(offsets=arrays[0], members=arrays[1], seed=seed)
 
 
-def _cache_fits(cache: Path, rows: int) -> bool:
+def open_cluster_cache(cache: Path, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(offsets, members) memory-mapped from `cache`; None when it is absent or was built for another row count."""
     meta = cache / "meta.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("rows") == rows
+    if not meta.is_file() or json.loads(meta.read_text()).get("rows") != rows:
+        return None
+    return np.load(cache / "offsets.npy", mmap_mode="r"), np.load(cache / "members.npy", mmap_mode="r")
 
 
-def _write_cache(cache: Path, offsets: np.ndarray, members: np.ndarray, rows: int) -> None:
+def write_cluster_cache(cache: Path, offsets: np.ndarray, members: np.ndarray, rows: int) -> None:
     """Write the arrays beside the target and rename: a concurrent run reads the old cache or the whole new one."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}-{os.getpid()}-"))
