@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from protein_mlm.data import clusters
 from protein_mlm.data.clusters import cluster_arrays, match_records, read_cluster_table, row_record_ids
 from protein_mlm.data.datamodule import ProteinDataModule
 from protein_mlm.errors import DataError
@@ -300,3 +301,14 @@ def test_a_binary_map_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError, match="cannot read .*map.bin as a text cluster map") as info:
         read_cluster_map(path)
     assert "\n" not in str(info.value)
+
+
+def test_draws_in_chunks_equal_one_draw_over_all_clusters(monkeypatch):
+    """The epoch's member draw runs in chunks (bounded memory); the rows equal one vectorised draw of today."""
+    sizes = np.random.default_rng(0).integers(1, 9, size=1000)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    members = np.random.default_rng(1).permutation(int(offsets[-1]))
+    rng = np.random.default_rng([5, 2, clusters.CLUSTER_STREAM])
+    whole = members[offsets[:-1] + rng.integers(np.diff(offsets))]
+    monkeypatch.setattr(clusters, "DRAW_CLUSTERS", 7)
+    assert np.array_equal(clusters.ClusterSampler(offsets, members, seed=5).epoch_indices(2), whole)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 IDMAPPING_MEMBER_COLUMN, IDMAPPING_CLUSTER_COLUMN = 8, 9  # 0-based: UniRef90 and UniRef50 of idmapping_selected
 CSV_BLOCK_BYTES = 64 << 20  # pyarrow parses the map in blocks of this size, on all cores
 MATCH_RECORDS = 1_000_000  # records hashed and matched to rows at a time (bounded memory on a first read)
+DRAW_CLUSTERS = 1 << 22  # clusters drawn at a time: an epoch's temporaries stay small at 65M clusters
 CLUSTER_STREAM = 0xC1057E5  # keeps the member draws independent of the batch sampler's (seed, epoch) stream
 
 
@@ -255,7 +256,10 @@ class ClusterSampler:
         if self._last is not None and self._last[0] == epoch:
             return self._last[1]
         rng = np.random.default_rng([self.seed, epoch, CLUSTER_STREAM])
-        rows = self.members[self.offsets[:-1] + rng.integers(np.diff(self.offsets))]
+        rows = np.empty(len(self), dtype=np.int64)
+        for start in range(0, len(self), DRAW_CLUSTERS):  # int64 bounds: chunked draws are the one-call stream
+            bounds = np.asarray(self.offsets[start : start + DRAW_CLUSTERS + 1])
+            rows[start : start + len(bounds) - 1] = self.members[bounds[:-1] + rng.integers(np.diff(bounds))]
         self._last = (epoch, rows)
         return rows
 
