@@ -6,8 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from protein_mlm.data import fasta as fasta_module
 from protein_mlm.data.datamodule import ProteinDataModule
 from protein_mlm.data.fasta import read_fasta_records
+from protein_mlm.data.preprocess import BUNDLED_FASTA, build_splits
 from protein_mlm.data.readers import read_records, read_sequences
 from protein_mlm.data.streaming import fasta_files
 from protein_mlm.errors import ConfigError, DataError
@@ -93,3 +95,26 @@ def test_a_file_that_is_not_parquet_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError, match="cannot read .*text.parquet as Parquet") as info:
         list(read_records(path))
     assert "\n" not in str(info.value)
+
+
+def test_a_fasta_parsed_in_processes_gives_the_same_records_splits_and_errors(tmp_path, monkeypatch):
+    """Blocks of whole records parsed by 2 processes: the records, the split files and error lines are unchanged."""
+    bundled = Path(str(BUNDLED_FASTA))  # gzipped: the parent decompresses, the workers parse
+    one = list(read_fasta_records(bundled))
+    monkeypatch.setattr(fasta_module, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(fasta_module, "BLOCK_BYTES", 50_000)  # ~90 blocks
+    assert list(read_fasta_records(bundled, workers=2)) == one
+    monkeypatch.setattr("protein_mlm.data.preprocess.parse_workers", lambda: 2)
+    parallel, _ = build_splits(bundled, None, 0.03, tmp_path / "parallel")
+    monkeypatch.setattr("protein_mlm.data.preprocess.parse_workers", lambda: 1)
+    single, _ = build_splits(bundled, None, 0.03, tmp_path / "single")
+    for name in ("train.arrow", "val.arrow"):
+        assert (tmp_path / "parallel" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
+    bad = tmp_path / "bad.fasta"
+    bad.write_bytes(b"".join(b">r%d\nMKV\nAC\n" % i for i in range(20_000)) + b">last\nMK1V\n")
+    messages = []
+    for workers in (1, 2):
+        with pytest.raises(DataError) as info:
+            list(read_fasta_records(bad, workers=workers))
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and ":60002:3: invalid residue character '1'" in messages[0]

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as csv
 
 from protein_mlm.data.fasta import open_maybe_gzipped, sequence_digest
-from protein_mlm.data.readers import read_sequences
+from protein_mlm.data.readers import parse_workers, read_sequences
 from protein_mlm.data.tokenizer import encode_residues
 from protein_mlm.errors import DataError
 
@@ -226,7 +226,7 @@ def row_record_ids(path: Path, sequences: datasets.Dataset) -> pa.Table:
         hit = digests[found] == np.array(keys, "S16")
         parts.append(pa.table({"id": pa.array(ids, pa.string()).filter(hit), "row": found[hit].astype(np.int64)}))
 
-    for record_id, residues in read_sequences(path):
+    for record_id, residues in read_sequences(path, workers=parse_workers()):
         if residues:  # records of the other split (or empty ones) have no row here
             ids.append(record_id)
             keys.append(sequence_digest(encode_residues(residues).tobytes()))

@@ -20,7 +20,7 @@ from datasets.arrow_writer import ArrowWriter
 
 from protein_mlm.data.clusters import record_clusters
 from protein_mlm.data.fasta import sequence_digest
-from protein_mlm.data.readers import read_sequences
+from protein_mlm.data.readers import parse_workers, read_sequences
 from protein_mlm.data.tokenizer import VOCAB, encode_residues
 from protein_mlm.errors import DataError
 
@@ -105,7 +105,7 @@ def _unique_sequences(
     `counts` gains the records read, the empty ones, the duplicates and the excluded ones.
     """
     chunk: list[tuple[str, bytes]] = []
-    for record_id, residues in read_sequences(path):
+    for record_id, residues in read_sequences(path, workers=parse_workers()):
         counts["records"] += 1
         if not residues:
             counts["empty"] += 1

@@ -5,6 +5,7 @@ FASTA (plain or gzipped) goes through the strict reader in fasta.py; Parquet (Un
 Both apply the same residue rules (`fasta.check_residues`); empty sequences are yielded for the caller to count.
 """
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,14 +24,21 @@ def is_parquet(path: str | Path) -> bool:
     return Path(path).name.lower().endswith(PARQUET_SUFFIXES)
 
 
-def read_records(path: str | Path) -> Iterator[tuple[str, str, bytes]]:
-    """(record id, header, upper-case residues) for every record of a FASTA or Parquet file, in file order."""
-    return _parquet_records(Path(path)) if is_parquet(path) else read_fasta_records(path)
+def parse_workers() -> int:
+    """Processes that parse a large FASTA for preprocessing: the cores this process may use, up to 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores)
 
 
-def read_sequences(path: str | Path) -> Iterator[tuple[str, bytes]]:
+def read_records(path: str | Path, workers: int = 1) -> Iterator[tuple[str, str, bytes]]:
+    """(record id, header, upper-case residues) for every record of a FASTA or Parquet file, in file order; a large
+    FASTA is parsed in `workers` processes (same records, same order)."""
+    return _parquet_records(Path(path)) if is_parquet(path) else read_fasta_records(path, workers)
+
+
+def read_sequences(path: str | Path, workers: int = 1) -> Iterator[tuple[str, bytes]]:
     """(record id, upper-case residues) for every record, as read_records."""
-    for record_id, _, residues in read_records(path):
+    for record_id, _, residues in read_records(path, workers):
         yield record_id, residues
 
 
