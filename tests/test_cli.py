@@ -43,6 +43,7 @@ def assert_user_error(result, *fragments):
         (["seed=-1"], ["seed=-1 must be >= 0"]),
         (["model=esm1b", "data.max_length=2048"], ["data.max_length=2048", "learned positions cover (1024 tokens)"]),
         (["data.mask_prob=1.5"], ["data.mask_prob=1.5 must be in (0, 1)"]),
+        (["data.val_max_sequences=0"], ["data.val_max_sequences=0 must be >= 1 or null"]),
         (
             ["scheduler.warmup_step=10"],
             ["scheduler.warmup_step is not a config key; did you mean scheduler.warmup_steps?"],

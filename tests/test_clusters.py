@@ -6,9 +6,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from protein_mlm.data.clusters import build_cluster_sampler, load_row_record_ids, read_cluster_map
+from protein_mlm.data import clusters
+from protein_mlm.data.clusters import cluster_arrays, match_records, read_cluster_table, row_record_ids
 from protein_mlm.data.datamodule import ProteinDataModule
 from protein_mlm.errors import DataError
 
@@ -51,13 +53,35 @@ def datamodule(tmp_path: Path, fasta: Path, cluster_map: Path | None, seed: int 
     return dm
 
 
+def ids_per_row(path: Path, sequences) -> list[list[str]]:
+    """The record ids each row of a split stands for, from the (id, row) table."""
+    ids: list[list[str]] = [[] for _ in range(len(sequences))]
+    table = row_record_ids(path, sequences)
+    for record_id, row in zip(table["id"].to_pylist(), table["row"].to_pylist()):
+        ids[row].append(record_id)
+    return ids
+
+
+def read_cluster_map(path: Path, wanted: set[str] | None = None) -> tuple[dict[str, list[str]], int]:
+    """({cluster: [members in file order, once each]}, clusters in the file), from the Arrow table; the members
+    (or `wanted`) matched as record ids, which checks that each is in one cluster."""
+    table = read_cluster_table(path)
+    members = sorted(wanted) if wanted is not None else sorted(set(table["member"].to_pylist()))
+    _, _, in_file = match_records(path, pa.table({"id": pa.array(members, pa.string())}))
+    clusters: dict[str, dict[str, None]] = {}
+    for cluster, member in zip(table["cluster"].to_pylist(), table["member"].to_pylist()):
+        if wanted is None or member in wanted:
+            clusters.setdefault(cluster, {})[member] = None
+    return {cluster: list(members) for cluster, members in clusters.items()}, in_file
+
+
 def served_rows(dm: ProteinDataModule, epoch: int) -> list[int]:
     """The training rows the DataModule's sampler serves in one epoch."""
     return [int(index) for batch in dm.train_dataloader().batcher.rank_batches(epoch) for index in batch]
 
 
 def row_clusters(dm: ProteinDataModule, cluster_of: dict[str, str]) -> list[str]:
-    ids = load_row_record_ids(dm.train_path, dm.splits["train"], dm.cache_dir / "ids.arrow")
+    ids = ids_per_row(dm.train_path, dm.splits["train"])
     return [cluster_of[i[0]] for i in ids]
 
 
@@ -140,18 +164,21 @@ def test_duplicate_sequences_keep_all_their_ids_and_count_once(tmp_path):
     mapping = tmp_path / "m.tsv"
     mapping.write_text("UniRef50_X\tUniRef90_A\nUniRef50_X\tUniRef90_B\nUniRef50_X\tUniRef90_C\n")
     dm = datamodule(tmp_path, fasta, mapping)
-    ids = load_row_record_ids(dm.train_path, dm.splits["train"], tmp_path / "ids.arrow")
+    ids = ids_per_row(dm.train_path, dm.splits["train"])
     assert sorted(map(sorted, ids)) == [["UniRef90_A", "UniRef90_B"], ["UniRef90_C"]]
     assert len(dm.clusters) == 1 and len(dm.clusters.members) == 2  # the duplicate is one member, not two
 
 
-def test_record_ids_are_cached_beside_the_data(tmp_path, monkeypatch):
+def test_cluster_arrays_are_cached_beside_the_data_and_memory_mapped(tmp_path, monkeypatch):
     fasta, mapping, _ = uniref_data(tmp_path, sizes=[2, 2])
     first = datamodule(tmp_path, fasta, mapping)
-    assert list(first.cache_dir.glob("*.train_ids.arrow"))
-    monkeypatch.setattr("protein_mlm.data.clusters.row_record_ids", lambda *a: pytest.fail("ids were not reused"))
+    assert {p.name for p in first.cache_dir.glob("*.clusters/*.npy")} == {"offsets.npy", "members.npy"}
+    for name in ("row_record_ids", "read_cluster_table"):
+        monkeypatch.setattr(f"protein_mlm.data.clusters.{name}", lambda *a, **k: pytest.fail("the cache was not used"))
     again = datamodule(tmp_path, fasta, mapping)
+    assert isinstance(again.clusters.members, np.memmap) and isinstance(again.clusters.offsets, np.memmap)
     assert np.array_equal(again.clusters.members, first.clusters.members)
+    assert np.array_equal(again.clusters.epoch_indices(3), first.clusters.epoch_indices(3))
 
 
 def test_validation_holds_out_whole_clusters_and_scores_every_sequence(tmp_path):
@@ -160,20 +187,14 @@ def test_validation_holds_out_whole_clusters_and_scores_every_sequence(tmp_path)
     settings = dict(train_path=str(fasta), val_fraction=0.3, max_length=64, max_tokens=512, cache_dir=str(tmp_path))
     dm = ProteinDataModule(**settings, cluster_map=str(mapping))
     dm.setup()
-    ids = {
-        split: load_row_record_ids(dm.train_path, dm.splits[split], tmp_path / f"{split}.arrow") for split in dm.splits
-    }
+    ids = {split: ids_per_row(dm.train_path, dm.splits[split]) for split in dm.splits}
     clusters = {split: {cluster_of[i] for row in rows for i in row} for split, rows in ids.items()}
     assert clusters["val"] and clusters["train"] and not clusters["val"] & clusters["train"]
     rows = [i for batch in dm.val_dataloader().batch_sampler for _, i in batch]
     assert sorted(rows) == list(range(len(dm.splits["val"])))  # validation never samples by cluster
     plain = ProteinDataModule(**settings)
     plain.setup()
-    held_out = {
-        cluster_of[i]
-        for row in load_row_record_ids(plain.train_path, plain.splits["val"], tmp_path / "p.arrow")
-        for i in row
-    }
+    held_out = {cluster_of[i] for row in ids_per_row(plain.train_path, plain.splits["val"]) for i in row}
     assert held_out & clusters["train"]  # per-sequence splitting would leak clusters (the reason for the above)
 
 
@@ -243,7 +264,7 @@ def test_missing_map_and_no_overlap_are_one_line_errors(tmp_path):
         datamodule(tmp_path, fasta, other)
     assert "\n" not in str(info.value)
     with pytest.raises(DataError, match="does not exist"):
-        build_cluster_sampler(tmp_path / "nope.tsv", [["a"]], seed=0)
+        cluster_arrays(tmp_path / "nope.tsv", pa.table({"id": ["a"], "row": [0]}), rows=1, source="x")
 
 
 def test_an_epoch_in_the_plan_is_one_member_per_cluster(tmp_path):
@@ -280,3 +301,14 @@ def test_a_binary_map_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError, match="cannot read .*map.bin as a text cluster map") as info:
         read_cluster_map(path)
     assert "\n" not in str(info.value)
+
+
+def test_draws_in_chunks_equal_one_draw_over_all_clusters(monkeypatch):
+    """The epoch's member draw runs in chunks (bounded memory); the rows equal one vectorised draw of today."""
+    sizes = np.random.default_rng(0).integers(1, 9, size=1000)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    members = np.random.default_rng(1).permutation(int(offsets[-1]))
+    rng = np.random.default_rng([5, 2, clusters.CLUSTER_STREAM])
+    whole = members[offsets[:-1] + rng.integers(np.diff(offsets))]
+    monkeypatch.setattr(clusters, "DRAW_CLUSTERS", 7)
+    assert np.array_equal(clusters.ClusterSampler(offsets, members, seed=5).epoch_indices(2), whole)

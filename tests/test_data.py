@@ -166,3 +166,53 @@ def test_validation_masks_are_fixed_across_epochs(cache_dir):
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in ("input_ids", "labels"))
     assert first["counts"] == again["counts"]
     assert (first["labels"] != IGNORE_INDEX).any() and (first["input_ids"] != PAD_ID).all(dim=1).any()
+
+
+def random_fasta(path: Path, count: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)
+    path.write_text("".join(f">s{i}\n{rng.choice(letters, 30).tobytes().decode()}\n" for i in range(count)))
+    return path
+
+
+def test_val_max_sequences_keeps_the_first_held_out_and_trains_the_rest(tmp_path):
+    fasta = random_fasta(tmp_path / "r.fasta", 200)
+    full, _ = build_splits(fasta, None, 0.5, tmp_path / "full")
+    capped, stats = build_splits(fasta, None, 0.5, tmp_path / "capped", val_max_sequences=10)
+    held_out = list(full["val"]["input_ids"])
+    assert list(capped["val"]["input_ids"]) == held_out[:10]  # the first ten held out, in file order
+    assert stats.val_capped == len(held_out) - 10 and stats.val_sequences == 10
+    train = {tuple(x) for x in capped["train"]["input_ids"]}
+    assert train == {tuple(x) for x in list(full["train"]["input_ids"]) + held_out[10:]}  # nothing lost, nothing leaks
+
+
+def test_val_max_sequences_keeps_whole_clusters_on_one_side(tmp_path):
+    fasta = random_fasta(tmp_path / "r.fasta", 300, seed=1)
+    cluster_of = {f"s{i}": f"C{i % 40}" for i in range(300)}  # 40 clusters of 7-8 members, interleaved
+    splits, stats = build_splits(fasta, None, 0.5, tmp_path / "out", cluster_of=cluster_of, val_max_sequences=5)
+    sequences = {residues: record_id for record_id, residues in read_fasta(fasta)}
+    side = {}
+    for split in ("train", "val"):
+        for ids in splits[split]["input_ids"]:
+            residues = preprocess.decode_ids(np.array(ids, dtype=np.uint8))
+            side.setdefault(cluster_of[sequences[residues]], set()).add(split)
+    assert all(len(sides) == 1 for sides in side.values())  # no cluster straddles the split
+    val_clusters = [c for c, sides in side.items() if sides == {"val"}]
+    assert len(val_clusters) == 5 and stats.val_sequences > 5 and stats.val_capped > 0
+
+
+def test_prepare_data_builds_once_and_setup_only_maps(tmp_path, monkeypatch):
+    fasta = random_fasta(tmp_path / "r.fasta", 120, seed=2)
+    mapping = tmp_path / "map.tsv"
+    mapping.write_text("".join(f"C{i % 9}\ts{i}\n" for i in range(120)))
+    settings = dict(train_path=str(fasta), val_fraction=0.2, max_length=64, max_tokens=256, cluster_map=str(mapping))
+    builder = ProteinDataModule(**settings, cache_dir=str(tmp_path / "cache"))
+    assert not builder.prepared()
+    builder.prepare_data()
+    assert builder.prepared() and builder.splits is None  # built, not loaded: the hook runs on one process only
+    for name in ("build_splits", "record_clusters"):
+        monkeypatch.setattr(preprocess, name, lambda *a, **k: pytest.fail("setup rebuilt the splits"))
+    monkeypatch.setattr("protein_mlm.data.clusters.row_record_ids", lambda *a: pytest.fail("setup rebuilt clusters"))
+    mapper = ProteinDataModule(**settings, cache_dir=str(tmp_path / "cache"))
+    mapper.setup()
+    assert len(mapper.splits["train"]) + len(mapper.splits["val"]) == 120 and len(mapper.clusters) > 0

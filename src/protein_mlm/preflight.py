@@ -30,6 +30,7 @@ VALUE_RULES: tuple[tuple[str, tuple, Any, str, str], ...] = (
     ("data.max_tokens", (int, None), lambda v: v >= 3, ">= data.max_length, or null", "data.max_tokens=4096"),
     ("data.batch_size", (int,), lambda v: v >= 1, ">= 1", "data.batch_size=16"),
     ("data.val_fraction", (float,), lambda v: 0 <= v < 1, "in [0, 1)", "data.val_fraction=0.03"),
+    ("data.val_max_sequences", (int, None), lambda v: v >= 1, ">= 1 or null", "data.val_max_sequences=10000"),
     ("data.mask_prob", (float,), lambda v: 0 < v < 1, "in (0, 1)", "data.mask_prob=0.15"),
     ("data.num_workers", (int,), lambda v: v >= 0, ">= 0 or auto", "data.num_workers=2"),
 )

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 def is_rank_zero() -> bool:
     """False in the other processes of a distributed run (Lightning's DDP children, SLURM tasks > 0)."""
     return rank_zero_only.rank == 0
+
+
+def launched_together() -> bool:
+    """Whether this process was started with its peers (torchrun's WORLD_SIZE, SLURM's task count)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def build_module(cfg: DictConfig, plan: RunPlan) -> MaskedLMModule:
@@ -118,9 +124,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if main_process:
         write_status(run_dir, "running")  # replaced by how it ends; a killed run keeps "running"
     module = build_module(cfg, plan)
-    datamodule.setup()
+    # Processes started together (torchrun, SLURM) meet before the data is built once, in prepare_data; a lone one
+    # (Lightning's launcher starts the others later, inside fit) builds it here, for the plan's token count.
+    if datamodule.prepared() or not launched_together():
+        datamodule.setup()
     if main_process:
-        print_plan(plan_rows(cfg, plan, datamodule.train_tokens()))
+        print_plan(plan_rows(cfg, plan, datamodule.train_tokens() if datamodule.splits is not None else None))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks.append(ThroughputMeter(plan.peak_tflops))  # the run's tokens/s and MFU, always
     if cfg.faults.inject_nan_at_step is not None:

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from protein_mlm.data.clusters import ClusterSampler, build_cluster_sampler, load_row_record_ids
+from protein_mlm.data.clusters import ClusterSampler, load_cluster_sampler
 from protein_mlm.data.loader import ResumableLoader
 from protein_mlm.data.masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
 from protein_mlm.data.packing import PackedBatches, check_packing_options, collate_packed
@@ -20,9 +20,13 @@ from protein_mlm.data.preprocess import (
     cache_key,
     load_sequences,
     load_splits,
+    prepare_splits,
     residue_lengths,
+    sequences_file,
+    splits_dir,
     unigram_perplexity,
 )
+from protein_mlm.data.readers import has_record_ids
 from protein_mlm.data.samplers import EpochSampler, FixedSizeBatches, TokenBudgetBatchSampler, padding_index
 from protein_mlm.data.streaming import check_streaming_options, fasta_files, streaming_loader
 from protein_mlm.errors import ConfigError, DataError
@@ -73,6 +77,7 @@ class ProteinDataModule(pl.LightningDataModule):
         streaming: bool = False,
         shuffle_buffer: int = 10_000,
         packing: bool = False,
+        val_max_sequences: int | None = 10_000,
     ):
         super().__init__()
         if not isinstance(packing, bool) or isinstance(num_workers, bool) or not isinstance(num_workers, int):
@@ -97,6 +102,7 @@ class ProteinDataModule(pl.LightningDataModule):
         self.train_path = Path(train_path) if train_path else Path(str(BUNDLED_FASTA))
         self.val_path = Path(val_path) if val_path else None
         self.val_fraction, self.max_length, self.batch_size = val_fraction, max_length, batch_size
+        self.val_max_sequences = val_max_sequences
         self.max_tokens = max_tokens
         self.tokens_per_update = tokens_per_update  # read by train() to derive gradient accumulation
         self.num_workers, self.mask_prob, self.seed = num_workers, mask_prob, seed
@@ -112,31 +118,64 @@ class ProteinDataModule(pl.LightningDataModule):
                 f"data.cluster_map={cluster_map} does not exist; pass a cluster<TAB>member TSV or UniProt's "
                 "idmapping_selected.tab, or data.cluster_map=null for plain sampling"
             )
+        if self.cluster_map is not None and not has_record_ids(self.train_path):
+            raise ConfigError(
+                f"data.cluster_map needs record ids, and {self.train_path} (Parquet) has no `id` column; add one "
+                "holding the map's member ids, or set data.cluster_map=null"
+            )
         self.clusters: ClusterSampler | None = None
         self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
         self.packing = packing
 
+    def _split_settings(self) -> tuple:
+        """The arguments of prepare_splits / load_splits / splits_dir, in their order."""
+        paths = self.train_path, self.val_path
+        return *paths, self.val_fraction, self.cache_dir, self.cluster_map, self.val_max_sequences
+
+    def prepare_data(self) -> None:
+        """Build the Arrow splits and the cluster arrays: Lightning runs this in one process per node (local rank 0;
+        with prepare_data_per_node=False, global rank 0 only) while the others wait; `setup` then maps them."""
+        if self.streaming:
+            load_sequences(self.val_path, self.cache_dir)
+            return
+        target = prepare_splits(*self._split_settings())
+        if self.cluster_map is not None:
+            self._cluster_sampler(datasets.Dataset.from_file(str(target / "train.arrow")))
+
+    def prepared(self) -> bool:
+        """Whether what prepare_data builds is in the cache already (so `setup` only maps files)."""
+        if self.streaming:
+            return sequences_file(self.val_path, self.cache_dir).is_file()
+        built = (splits_dir(*self._split_settings()) / "stats.json").is_file()
+        return built and (self.cluster_map is None or (self._clusters_cache() / "meta.json").is_file())
+
     def setup(self, stage: str | None = None) -> None:
+        """Map the caches (built here only when used outside a Trainer, which calls prepare_data first)."""
         if self.streaming and self.splits is None:  # only the validation file is preprocessed
             self.splits = {"val": load_sequences(self.val_path, self.cache_dir)}
             self.train_files = fasta_files(self.train_path)
             return
         if self.splits is None:
-            self.splits, self.stats = load_splits(
-                self.train_path, self.val_path, self.val_fraction, self.cache_dir, cluster_map=self.cluster_map
-            )
+            self.splits, self.stats = load_splits(*self._split_settings())
             if self.stats.empty_removed:
                 log.warning("skipped %d FASTA records with an empty sequence", self.stats.empty_removed)
+            if self.stats.val_capped:
+                log.info(
+                    "validation capped at data.val_max_sequences=%d; %d more held-out sequences train instead",
+                    self.val_max_sequences,
+                    self.stats.val_capped,
+                )
         if self.cluster_map is not None and self.clusters is None:
-            self.clusters = self._cluster_sampler()
+            self.clusters = self._cluster_sampler(self.splits["train"])
 
-    def _cluster_sampler(self) -> ClusterSampler:
-        """ESM-2's UniRef50 cluster sampling over the training rows; their record ids are cached beside the data."""
-        key = cache_key(
-            self.train_path, self.val_path, self.cluster_map, val_fraction=self.val_fraction, record_ids=True
-        )
-        row_ids = load_row_record_ids(self.train_path, self.splits["train"], self.cache_dir / f"{key}.train_ids.arrow")
-        return build_cluster_sampler(self.cluster_map, row_ids, self.seed, source=str(self.train_path))
+    def _clusters_cache(self) -> Path:
+        """The cluster arrays' folder: keyed on the map file and the split whose rows they index."""
+        split = splits_dir(*self._split_settings()).name
+        return self.cache_dir / f"{cache_key(self.cluster_map, split=split, cluster_arrays=True)}.clusters"
+
+    def _cluster_sampler(self, train: datasets.Dataset) -> ClusterSampler:
+        """ESM-2's UniRef50 cluster sampling over the training rows, its arrays cached beside the data."""
+        return load_cluster_sampler(self.cluster_map, self.train_path, train, self._clusters_cache(), self.seed)
 
     def state_dict(self) -> dict[str, int]:
         """Streaming only (the map-style loader keeps its own position): batches consumed in the endless epoch."""

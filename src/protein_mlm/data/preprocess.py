@@ -1,4 +1,4 @@
-"""FASTA -> deduplicated, content-hash-split, tokenized Arrow datasets, cached on disk and memory-mapped."""
+"""FASTA or Parquet -> deduplicated, content-hash-split, tokenized Arrow datasets, cached on disk and memory-mapped."""
 
 import hashlib
 import json
@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 
 from protein_mlm.data.clusters import record_clusters
-from protein_mlm.data.fasta import read_fasta, sequence_digest
+from protein_mlm.data.fasta import sequence_digest
+from protein_mlm.data.readers import parse_workers, read_sequences
 from protein_mlm.data.tokenizer import VOCAB, encode_residues
 from protein_mlm.errors import DataError
 
@@ -43,6 +44,7 @@ class SplitStats:
     duplicates_removed: int
     empty_removed: int
     val_overlap_removed: int
+    val_capped: int = 0  # held-out sequences trained on because validation had reached data.val_max_sequences
 
 
 def is_val_sequence(residues: bytes, val_fraction: float) -> bool:
@@ -103,7 +105,7 @@ def _unique_sequences(
     `counts` gains the records read, the empty ones, the duplicates and the excluded ones.
     """
     chunk: list[tuple[str, bytes]] = []
-    for record_id, residues in read_fasta(path):
+    for record_id, residues in read_sequences(path, workers=parse_workers()):
         counts["records"] += 1
         if not residues:
             counts["empty"] += 1
@@ -136,6 +138,9 @@ class _ArrowSplitWriter:
         self.writer = ArrowWriter(features=FEATURES, path=str(path))
         self.pending: list[bytes] = []
         self.count = 0
+
+    def __len__(self) -> int:
+        return self.count + len(self.pending)
 
     def add(self, residues: bytes) -> None:
         self.pending.append(residues)
@@ -175,9 +180,11 @@ def build_splits(
     val_fraction: float,
     out_dir: Path | None = None,
     cluster_of: dict[str, str] | None = None,
+    val_max_sequences: int | None = None,
 ) -> tuple[dict, SplitStats]:
     """Read, deduplicate and split; with a separate val file, drop its sequences from train (no leakage).
-    `cluster_of` (record id -> cluster) holds out whole clusters instead of single sequences.
+    `cluster_of` (record id -> cluster) holds out whole clusters instead of single sequences; `val_max_sequences`
+    caps the held-out split (see `ValidationCap`).
 
     One streaming pass per file writes `train.arrow` / `val.arrow` into `out_dir` (a new temporary dir by
     default) in file order; memory grows only by the 16-byte digest of each unique sequence.
@@ -187,8 +194,11 @@ def build_splits(
     writers = {name: _ArrowSplitWriter(out_dir / f"{name}.arrow") for name in ("train", "val")}
     counts = {"records": 0, "empty": 0, "duplicates": 0, "excluded": 0}
     if val_path is None:
+        cap = ValidationCap(val_max_sequences, cluster_of)
         for record_id, residues in _unique_sequences(train_path, DigestSet(), counts):
-            writers["val" if holds_out(record_id, residues, val_fraction, cluster_of) else "train"].add(residues)
+            held_out = holds_out(record_id, residues, val_fraction, cluster_of)
+            writers["val" if held_out and cap.admits(record_id, len(writers["val"])) else "train"].add(residues)
+        counts["capped"] = cap.capped
     else:
         val_digests = DigestSet()
         for _, residues in _unique_sequences(val_path, val_digests, {"records": 0, "empty": 0, "duplicates": 0}):
@@ -205,9 +215,35 @@ def build_splits(
         fix = "pass a training FASTA that differs from data.val_path" if val_path else "change data.val_fraction"
         raise DataError(f"the {which} split of {train_path} is empty; give more sequences or {fix}")
     stats = SplitStats(
-        len(splits["train"]), len(splits["val"]), counts["duplicates"], counts["empty"], counts["excluded"]
+        len(splits["train"]),
+        len(splits["val"]),
+        counts["duplicates"],
+        counts["empty"],
+        counts["excluded"],
+        counts.get("capped", 0),
     )
     return splits, stats
+
+
+class ValidationCap:
+    """data.val_max_sequences: the held-out split keeps its first `limit` sequences in file order; a held-out
+    sequence past it trains instead, unless its cluster already has a member in validation (whole clusters stay
+    on one side, so nothing leaks). Without a cluster map each sequence is its own cluster."""
+
+    def __init__(self, limit: int | None, cluster_of: dict[str, str] | None):
+        self.limit, self.cluster_of = limit, cluster_of
+        self.val_clusters: set[str] = set()  # at most `limit` entries
+        self.capped = 0
+
+    def admits(self, record_id: str, held: int) -> bool:
+        """Whether a held-out record goes to validation, given the `held` sequences already there."""
+        cluster = self.cluster_of.get(record_id) if self.cluster_of else None
+        if self.limit is None or held < self.limit or (cluster is not None and cluster in self.val_clusters):
+            if cluster is not None and self.limit is not None:
+                self.val_clusters.add(cluster)
+            return True
+        self.capped += 1
+        return False
 
 
 def remove_abandoned_builds(cache_dir: Path, key: str) -> None:
@@ -234,14 +270,44 @@ def load_splits(
     val_fraction: float,
     cache_dir: Path,
     cluster_map: Path | None = None,
+    val_max_sequences: int | None = None,
 ) -> tuple[dict[str, datasets.Dataset], SplitStats]:
-    """Memory-mapped Arrow splits, built once per input and reused from `cache_dir` afterwards.
+    """Memory-mapped Arrow splits, built once per input (`prepare_splits`) and reused from `cache_dir` afterwards."""
+    target = prepare_splits(train_path, val_path, val_fraction, cache_dir, cluster_map, val_max_sequences)
+    stats = SplitStats(**json.loads((target / "stats.json").read_text()))
+    splits = {name: datasets.Dataset.from_file(str(target / f"{name}.arrow")) for name in ("train", "val")}
+    return splits, stats
 
-    With a `cluster_map` and no `val_path`, validation holds out whole clusters.
-    """
+
+def splits_dir(
+    train_path: Path,
+    val_path: Path | None,
+    val_fraction: float,
+    cache_dir: Path,
+    cluster_map: Path | None = None,
+    val_max_sequences: int | None = None,
+) -> Path:
+    """Where the splits of these inputs and settings are cached (built when it holds stats.json)."""
     cluster_map = cluster_map if val_path is None else None
-    key = cache_key(train_path, val_path, cluster_map, val_fraction=None if val_path else val_fraction)
-    target = cache_dir / key
+    settings = {"val_fraction": None if val_path else val_fraction}
+    if val_max_sequences is not None and val_path is None:  # absent when unset: older caches stay valid
+        settings["val_max_sequences"] = val_max_sequences
+    return cache_dir / cache_key(train_path, val_path, cluster_map, **settings)
+
+
+def prepare_splits(
+    train_path: Path,
+    val_path: Path | None,
+    val_fraction: float,
+    cache_dir: Path,
+    cluster_map: Path | None = None,
+    val_max_sequences: int | None = None,
+) -> Path:
+    """Build the splits' cache unless it exists; returns its folder. With a `cluster_map` and no `val_path`,
+    validation holds out whole clusters."""
+    target = splits_dir(train_path, val_path, val_fraction, cache_dir, cluster_map, val_max_sequences)
+    cluster_map = cluster_map if val_path is None else None
+    key = target.name
     if not (target / "stats.json").is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         remove_abandoned_builds(cache_dir, key)
@@ -249,7 +315,9 @@ def load_splits(
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}-{os.getpid()}-"))
         try:
             cluster_of = record_clusters(train_path, cluster_map) if cluster_map else None
-            _, stats = build_splits(train_path, val_path, val_fraction, out_dir=tmp, cluster_of=cluster_of)
+            _, stats = build_splits(
+                train_path, val_path, val_fraction, tmp, cluster_of=cluster_of, val_max_sequences=val_max_sequences
+            )
             (tmp / "stats.json").write_text(json.dumps(stats.__dict__))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -259,14 +327,17 @@ def load_splits(
         except OSError:  # another process won the race; its copy is equivalent
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("Tokenized %s into %s", train_path, target)
-    stats = SplitStats(**json.loads((target / "stats.json").read_text()))
-    splits = {name: datasets.Dataset.from_file(str(target / f"{name}.arrow")) for name in ("train", "val")}
-    return splits, stats
+    return target
+
+
+def sequences_file(path: Path, cache_dir: Path) -> Path:
+    """Where load_sequences caches the unique sequences of `path`."""
+    return cache_dir / f"{cache_key(path, unique_sequences=True)}.arrow"
 
 
 def load_sequences(path: Path, cache_dir: Path) -> datasets.Dataset:
     """One FASTA's unique sequences in file order (e.g. the validation file of a streaming run), cached."""
-    target = cache_dir / f"{cache_key(path, unique_sequences=True)}.arrow"
+    target = sequences_file(path, cache_dir)
     if not target.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}-")

@@ -19,13 +19,15 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
-from protein_mlm.data.fasta import read_fasta, sequence_digest
+from protein_mlm.data.fasta import sequence_digest
 from protein_mlm.data.masking import collate, crop, mask_tokens, sample_rng
 from protein_mlm.data.preprocess import decode_ids
+from protein_mlm.data.readers import PARQUET_SUFFIXES, read_sequences
 from protein_mlm.data.tokenizer import encode_residues
 from protein_mlm.errors import ConfigError, DataError
 
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fasta.gz", ".fa.gz", ".faa.gz", ".fas.gz")
+SHARD_SUFFIXES = FASTA_SUFFIXES + PARQUET_SUFFIXES
 RECORD_KEY_BITS = 40  # key = file number << 40 | record number: unique for up to 10^12 records per file
 STREAM_FEATURES = datasets.Features({"key": datasets.Value("int64"), "residues": datasets.Value("binary")})
 
@@ -34,16 +36,17 @@ def fasta_files(path: Path) -> list[Path]:
     """`path` itself, or the FASTA files of a directory of shards in name order."""
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(FASTA_SUFFIXES))
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(SHARD_SUFFIXES))
     if not files:
-        raise DataError(f"{path} holds no FASTA files ({', '.join(FASTA_SUFFIXES)}); pass a FASTA file or a directory")
+        suffixes = ", ".join(SHARD_SUFFIXES)
+        raise DataError(f"{path} holds no FASTA or Parquet files ({suffixes}); pass a file or a directory of them")
     return files
 
 
 def _shard_records(shards: list[tuple[int, str, int, int]], exclude: frozenset[bytes]) -> Iterator[dict]:
     """Records of (file number, path, part, parts) shards; empty ones and those in `exclude` (digests) skipped."""
     for number, path, part, parts in shards:
-        for index, (_, residues) in enumerate(read_fasta(path)):
+        for index, (_, residues) in enumerate(read_sequences(path)):
             if index % parts != part or not residues:
                 continue
             if exclude and sequence_digest(residues) in exclude:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from protein_mlm.data.fasta import read_fasta_records
+from protein_mlm.data.readers import read_records
 from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, PAD_ID, encode_residues
 from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.inference.loading import LoadedModel, device_for, load_model
@@ -62,7 +62,7 @@ def normalize_layers(layers: list[int], num_layers: int) -> list[int]:
 def scan_fasta(path: Path, truncation: int) -> list[Record]:
     """Every record's id, label and (truncated) length; duplicate ids and an empty file are errors."""
     records, seen = [], {}
-    for index, (record_id, header, residues) in enumerate(read_fasta_records(path)):
+    for index, (record_id, header, residues) in enumerate(read_records(path)):
         if record_id in seen:
             raise DataError(
                 f"{path}: record id {record_id!r} appears twice (records {seen[record_id] + 1} and {index + 1}); "
@@ -78,7 +78,7 @@ def scan_fasta(path: Path, truncation: int) -> list[Record]:
 def read_chunks(path: Path, truncation: int) -> Iterator[list[tuple[int, np.ndarray]]]:
     """(record index, token ids with <cls>/<eos>) in chunks of CHUNK_RECORDS, truncated as extract.py does."""
     chunk = []
-    for index, (_, _, residues) in enumerate(read_fasta_records(path)):
+    for index, (_, _, residues) in enumerate(read_records(path)):
         ids = encode_residues(residues[:truncation]).astype(np.int64)
         chunk.append((index, np.concatenate([[CLS_ID], ids, [EOS_ID]])))
         if len(chunk) == CHUNK_RECORDS:

@@ -10,9 +10,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from protein_mlm.data.datamodule import MaskedSequenceDataset
-from protein_mlm.data.fasta import read_fasta
 from protein_mlm.data.masking import collate
 from protein_mlm.data.preprocess import FEATURES, residue_lengths, unigram_perplexity
+from protein_mlm.data.readers import read_sequences
 from protein_mlm.data.samplers import TokenBudgetBatchSampler
 from protein_mlm.data.tokenizer import encode_residues
 from protein_mlm.errors import ConfigError
@@ -30,13 +30,13 @@ def check_eval_config(cfg: DictConfig) -> None:
         raise ConfigError("no FASTA given; pass data.val_path=<file.fasta[.gz]>")
     if not Path(cfg.data.val_path).is_file():
         raise ConfigError(f"data.val_path={cfg.data.val_path} does not exist; pass the path of a FASTA file")
-    if not any(residues for _, residues in read_fasta(Path(cfg.data.val_path))):  # stops at the first sequence
+    if not any(residues for _, residues in read_sequences(Path(cfg.data.val_path))):  # stops at the first sequence
         raise ConfigError(f"data.val_path={cfg.data.val_path} holds no sequence; pass a FASTA with at least one")
 
 
 def fasta_dataset(path: str | Path) -> datasets.Dataset:
     """Every non-empty record of a FASTA, in file order (no dedup: the file is evaluated as it is)."""
-    ids = [encode_residues(residues) for _, residues in read_fasta(path) if residues]
+    ids = [encode_residues(residues) for _, residues in read_sequences(path) if residues]
     return datasets.Dataset.from_dict({"input_ids": ids}, features=FEATURES)
 
 
