@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
-from protein_mlm.data.samplers import Batches, EpochPlanner, compact_lengths, cut_every, index_dtype
+from protein_mlm.data.samplers import Batches, EpochPlanner, compact_lengths, cut_every, index_dtype, shuffled
 from protein_mlm.data.tokenizer import PAD_ID
 from protein_mlm.errors import ConfigError
 
@@ -227,13 +227,15 @@ class Packed:
             raise ConfigError(f"a sequence of {int(lengths.max())} tokens does not fit a row of {row_tokens}")
         self.lengths, self.rows, self.row_tokens = lengths, rows, row_tokens
 
-    def batches(self, rows: np.ndarray, rng: np.random.Generator | None) -> Batches:
-        order = rows if rng is None else rows[rng.permutation(len(rows))]
+    def batches(self, rows: np.ndarray, rng: np.random.Generator | None) -> tuple[Batches, None]:
+        order = rows if rng is None else rows[shuffled(len(rows), rng)]
         max_items = max_sequences_per_batch(self.rows)
         packed = pack_rows(order, self.lengths[order], self.row_tokens, max_items)
-        shuffled = packed.take(rng.permutation(len(packed))) if rng is not None else packed
-        batch_rows = group_rows(shuffled.sizes(), self.rows, max_items)
-        return Batches(shuffled.indices, shuffled.offsets[batch_rows])
+        del order
+        if rng is not None:
+            packed = packed.take(shuffled(len(packed), rng))
+        batch_rows = group_rows(packed.sizes(), self.rows, max_items)
+        return Batches(packed.indices, packed.offsets[batch_rows]), None
 
 
 class PackedBatches(EpochPlanner):

@@ -101,7 +101,8 @@ class Strategy(Protocol):
 
     order_version: str
 
-    def batches(self, rows: np.ndarray, rng: np.random.Generator | None) -> Batches: ...
+    def batches(self, rows: np.ndarray, rng: np.random.Generator | None) -> tuple[Batches, np.ndarray | None]:
+        """The epoch's batches, and the order they are served in (None: as listed): a rank gathers only its own."""
 
 
 class FixedSize:
@@ -112,9 +113,16 @@ class FixedSize:
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
 
-    def batches(self, rows: np.ndarray, rng: np.random.Generator | None) -> Batches:
+    def batches(self, rows: np.ndarray, rng: np.random.Generator | None) -> tuple[Batches, None]:
         order = rows if rng is None else rows[rng.permutation(len(rows))]
-        return Batches(order, cut_every(len(order), self.batch_size))
+        return Batches(order, cut_every(len(order), self.batch_size)), None
+
+
+def shuffled(count: int, rng: np.random.Generator) -> np.ndarray:
+    """rng.permutation(count) (the same draws, the same result) as int32 while it fits: half the memory."""
+    order = np.arange(count, dtype=index_dtype(count))
+    rng.shuffle(order)
+    return order
 
 
 def sort_by_length(rows: np.ndarray, lengths: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
@@ -125,14 +133,17 @@ def sort_by_length(rows: np.ndarray, lengths: np.ndarray, rng: np.random.Generat
     """
     if rng is None:
         return rows[np.argsort(lengths[rows], kind="stable")]
-    tie_break = rng.permutation(len(rows))
-    by_tie = np.empty(len(rows), dtype=index_dtype(len(rows)))
+    tie_break = shuffled(len(rows), rng)
+    by_tie = np.empty(len(rows), dtype=tie_break.dtype)
     for start in range(0, len(rows), 1 << 22):  # by_tie[tie_break] = arange(n), without an n-long arange
         chunk = tie_break[start : start + (1 << 22)]
         by_tie[chunk] = np.arange(start, start + len(chunk), dtype=by_tie.dtype)
     del tie_break
-    keys = lengths[rows[by_tie]]
-    return rows[by_tie[np.argsort(keys, kind="stable")]]
+    every_row = len(rows) and rows[0] == 0 and rows[-1] == len(rows) - 1  # np.arange: rows[i] == i
+    if not every_row:
+        by_tie = rows[by_tie]
+    by_length = np.argsort(lengths[by_tie], kind="stable")
+    return by_tie[by_length]
 
 
 def greedy_cuts(sorted_lengths: np.ndarray, max_tokens: int) -> np.ndarray:
@@ -177,10 +188,10 @@ class TokenBudget:
             )
         self.lengths, self.max_tokens = lengths, max_tokens
 
-    def batches(self, rows: np.ndarray, rng: np.random.Generator | None) -> Batches:
+    def batches(self, rows: np.ndarray, rng: np.random.Generator | None) -> tuple[Batches, np.ndarray | None]:
         order = sort_by_length(rows, self.lengths, rng)  # ascending length: the last sets the padded width
         batches = Batches(order, greedy_cuts(self.lengths[order], self.max_tokens))
-        return batches if rng is None else batches.take(rng.permutation(len(batches)))
+        return batches, None if rng is None else rng.permutation(len(batches))
 
 
 def compact_lengths(lengths) -> np.ndarray:
@@ -224,17 +235,25 @@ class EpochPlanner:
             return np.arange(self.num_rows, dtype=index_dtype(self.num_rows))
         return np.asarray(self.epoch_indices(epoch))
 
-    def batches(self, epoch: int) -> Batches:
-        """Every rank's batches of one epoch, in the order they are served (not cached)."""
+    def _planned(self, epoch: int) -> tuple[Batches, np.ndarray | None]:
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         return self.strategy.batches(self.rows(epoch), rng)
 
+    def batches(self, epoch: int) -> Batches:
+        """Every rank's batches of one epoch, in the order they are served (not cached)."""
+        batches, order = self._planned(epoch)
+        return batches if order is None else batches.take(order)
+
     def _build(self, epoch: int) -> Batches:
+        """This rank's batches: positions rank, rank + W, ... of the served order, gathered once."""
         self.plans_built[epoch] += 1
-        batches = self.batches(epoch)
-        if self.num_replicas == 1:
-            return batches
-        return batches.take(rank_share(len(batches), self.num_replicas, self.rank), weightless_padding=self.fixed)
+        batches, order = self._planned(epoch)
+        if order is not None and self.fixed:  # weightless padding needs the served list itself
+            batches, order = batches.take(order), None
+        positions = rank_share(len(batches), self.num_replicas, self.rank)
+        if order is None:
+            return batches if self.num_replicas == 1 else batches.take(positions, weightless_padding=self.fixed)
+        return batches.take(order[positions % len(order)])
 
     def _claim(self, epoch: int) -> tuple[Future, bool]:
         """The epoch's plan, and whether the caller must build it (nobody has started to)."""
