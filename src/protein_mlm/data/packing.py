@@ -21,7 +21,16 @@ import numpy as np
 import torch
 
 from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
-from protein_mlm.data.samplers import Batches, EpochPlanner, compact_lengths, cut_every, index_dtype, shuffled
+from protein_mlm.data.samplers import (
+    CHUNK,
+    Batches,
+    EpochPlanner,
+    compact_lengths,
+    cut_every,
+    index_dtype,
+    shuffled,
+    sort_stably_by_length,
+)
 from protein_mlm.data.tokenizer import PAD_ID
 from protein_mlm.errors import ConfigError
 
@@ -173,11 +182,13 @@ def _preorder(types: _PackTypes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pack_rows(sequences: np.ndarray, lengths: np.ndarray, row_tokens: int, max_items: int) -> Batches:
-    """`sequences` (with their `lengths`) as rows of at most `row_tokens` tokens, longest first in each row.
+    """`sequences` (rows of `lengths`) as packed rows of at most `row_tokens` tokens, longest first in each row.
 
     Sequences of one length take that length's places in the rows in the order given (random, from the caller).
     """
-    histogram = np.bincount(lengths, minlength=row_tokens + 1)
+    histogram = np.zeros(row_tokens + 1, dtype=np.int64)
+    for start in range(0, len(sequences), CHUNK):
+        histogram += np.bincount(lengths[sequences[start : start + CHUNK]], minlength=row_tokens + 1)
     types = pack_histogram(histogram, row_tokens, max_items)
     order, first, end = _preorder(types)
     count, depth, length = (np.array(a, dtype=np.int64) for a in (types.count, types.depth, types.length))
@@ -194,7 +205,7 @@ def pack_rows(sequences: np.ndarray, lengths: np.ndarray, row_tokens: int, max_i
     del row_of
     places += np.repeat((depth[edges] - 1).astype(dtype), sizes)
     packed = np.empty(len(sequences), dtype=sequences.dtype)
-    packed[places] = sequences[np.argsort(lengths, kind="stable")]
+    packed[places] = sort_stably_by_length(sequences, lengths)
     return Batches(packed, row_offsets)
 
 
@@ -230,7 +241,7 @@ class Packed:
     def batches(self, rows: np.ndarray, rng: np.random.Generator | None) -> tuple[Batches, None]:
         order = rows if rng is None else rows[shuffled(len(rows), rng)]
         max_items = max_sequences_per_batch(self.rows)
-        packed = pack_rows(order, self.lengths[order], self.row_tokens, max_items)
+        packed = pack_rows(order, self.lengths, self.row_tokens, max_items)
         del order
         if rng is not None:
             packed = packed.take(shuffled(len(packed), rng))

@@ -125,25 +125,43 @@ def shuffled(count: int, rng: np.random.Generator) -> np.ndarray:
     return order
 
 
+CHUNK = 1 << 22  # items per step of the chunked passes: a few tens of MB of temporaries at any epoch size
+
+
+def sort_stably_by_length(items: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """`items` ordered by lengths[items], equal lengths kept in order: a counting sort in chunks, in the items' own
+    dtype, so no n-long int64 index array (numpy's argsort) ever exists."""
+    next_free = np.zeros(int(lengths.max(initial=0)) + 2, dtype=np.int64)
+    for start in range(0, len(items), CHUNK):
+        next_free[1:] += np.bincount(lengths[items[start : start + CHUNK]], minlength=len(next_free) - 1)
+    np.cumsum(next_free, out=next_free)  # where each length's run begins in the output
+    out = np.empty_like(items)
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start : start + CHUNK]
+        keys = lengths[chunk]
+        by_key = np.argsort(keys, kind="stable")
+        sorted_keys = keys[by_key]
+        rank = np.arange(len(keys)) - np.searchsorted(sorted_keys, sorted_keys)  # place among its length's items
+        out[next_free[sorted_keys] + rank] = chunk[by_key]
+        next_free[:-1] += np.bincount(keys, minlength=len(next_free) - 1)
+    return out
+
+
 def sort_by_length(rows: np.ndarray, lengths: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
     """`rows` by ascending length, ties in a random order from `rng`: np.lexsort((tie_break, lengths)), in O(n).
 
-    Visiting the rows in the tie-break's order and sorting that stably by length gives the lexsort's order; a stable
-    sort of 16-bit keys is numpy's radix sort.
+    Visiting the rows in the tie-break's order and sorting that stably by length gives the lexsort's order.
     """
     if rng is None:
-        return rows[np.argsort(lengths[rows], kind="stable")]
+        return sort_stably_by_length(rows, lengths)
     tie_break = shuffled(len(rows), rng)
     by_tie = np.empty(len(rows), dtype=tie_break.dtype)
-    for start in range(0, len(rows), 1 << 22):  # by_tie[tie_break] = arange(n), without an n-long arange
-        chunk = tie_break[start : start + (1 << 22)]
+    for start in range(0, len(rows), CHUNK):  # by_tie[tie_break] = arange(n), without an n-long arange
+        chunk = tie_break[start : start + CHUNK]
         by_tie[chunk] = np.arange(start, start + len(chunk), dtype=by_tie.dtype)
     del tie_break
     every_row = len(rows) and rows[0] == 0 and rows[-1] == len(rows) - 1  # np.arange: rows[i] == i
-    if not every_row:
-        by_tie = rows[by_tie]
-    by_length = np.argsort(lengths[by_tie], kind="stable")
-    return by_tie[by_length]
+    return sort_stably_by_length(by_tie if every_row else rows[by_tie], lengths)
 
 
 def greedy_cuts(sorted_lengths: np.ndarray, max_tokens: int) -> np.ndarray:
