@@ -8,7 +8,6 @@ import numpy as np
 from omegaconf import open_dict
 
 from protein_mlm.data.masking import collate
-from protein_mlm.data.samplers import EpochSampler, FixedSizeBatches
 from protein_mlm.preflight import check_config
 from protein_mlm.train import build_datamodule, train
 from protein_mlm.training.debug.callbacks import batch_digest
@@ -48,10 +47,7 @@ def sampler_batches(cfg, world: int = 1, rank: int = 0):
     datamodule = build_datamodule(cfg, check_config(cfg))
     datamodule.setup()
     datamodule.replicas = lambda: (world, rank)
-    batcher = datamodule._batcher("train", shuffle=True)
-    if isinstance(batcher, EpochSampler):
-        batcher = FixedSizeBatches(batcher, datamodule.batch_size)
-    return datamodule, batcher
+    return datamodule, datamodule._batcher("train", shuffle=True)
 
 
 def check_epochs(cfg, epochs, world: int = 1, rank: int = 0, min_epochs: int = 3) -> list[list[int]]:

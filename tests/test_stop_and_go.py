@@ -160,3 +160,13 @@ def test_a_full_disk_mid_run_is_one_line_and_loses_no_checkpoint(tmp_path, small
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # the earlier one
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # no partial file left
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+
+
+def test_fixed_size_run_resumes_exactly(tmp_path, small_fasta):
+    """data.max_tokens=null (batches of data.batch_size): kill -9 at a window boundary and in epoch 2."""
+    max_steps = 18
+    args = [*BASE, *small_fasta, "data.max_tokens=null", "data.batch_size=8", f"trainer.max_steps={max_steps}"]
+    straight = tmp_path / "straight"
+    assert run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
+    run_chain(tmp_path / "fixed", args, [(3, 0), (16, 0)], "KILL")
+    assert_same_run(tmp_path / "fixed", straight, max_steps)

@@ -223,8 +223,8 @@ class ProteinDataModule(pl.LightningDataModule):
         return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
 
     def _batcher(self, split: str, shuffle: bool):
-        """The batch sampler of a split: token-budget batches, or `batch_size` samples (validation in length order)."""
-        # DDP: the samplers shard each epoch by rank themselves (Trainer use_distributed_sampler=False), since
+        """The batches of a split: token-budget batches, or `batch_size` samples (validation in length order)."""
+        # DDP: the batchers shard each epoch by rank themselves (Trainer use_distributed_sampler=False), since
         # Lightning cannot inject its DistributedSampler into a token-budget batch sampler.
         num_replicas, rank = self.replicas()
         lengths = self.token_lengths(split)
@@ -235,7 +235,9 @@ class ProteinDataModule(pl.LightningDataModule):
         )
         if self.max_tokens is not None:
             return TokenBudgetBatchSampler(lengths, self.max_tokens, self.seed, **shared)
-        order = None if shuffle else np.argsort(lengths, kind="stable")  # validation: little padding
+        if shuffle:
+            return FixedSizeBatches(len(lengths), self.batch_size, self.seed, **shared)
+        order = np.argsort(lengths, kind="stable")  # validation: little padding
         return EpochSampler(len(lengths), self.seed, order=order, **shared)
 
     def _dataset(self, split: str) -> MaskedSequenceDataset:
@@ -248,8 +250,6 @@ class ProteinDataModule(pl.LightningDataModule):
         if self.packing:
             return self._packed_loader()
         batcher = self._batcher("train", shuffle=True)
-        if isinstance(batcher, EpochSampler):
-            batcher = FixedSizeBatches(batcher, self.batch_size)
         return ResumableLoader(self._dataset("train"), batcher, collate, self.num_workers, self.pin_memory)
 
     def _packed_loader(self) -> ResumableLoader:
@@ -258,9 +258,15 @@ class ProteinDataModule(pl.LightningDataModule):
         rows = self.max_tokens // self.max_length
         epoch_indices = self.clusters.epoch_indices if self.clusters is not None else None
         batcher = PackedBatches(
-            self.token_lengths("train"), rows, self.max_length, self.seed, epoch_indices, num_replicas, rank
+            self.token_lengths("train"),
+            rows,
+            self.max_length,
+            self.seed,
+            epoch_indices=epoch_indices,
+            num_replicas=num_replicas,
+            rank=rank,
         )
-        collate_fn = partial(collate_packed, rows=rows, row_tokens=self.max_length)
+        collate_fn = partial(collate_packed, rows=rows, row_tokens=self.max_length, in_order=True)
         return ResumableLoader(self._dataset("train"), batcher, collate_fn, self.num_workers, self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
