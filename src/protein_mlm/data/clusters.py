@@ -253,8 +253,9 @@ class ClusterSampler:
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """One uniformly drawn member row per cluster, every cluster once, deterministic from (seed, epoch)."""
-        if self._last is not None and self._last[0] == epoch:
-            return self._last[1]
+        last = self._last  # read once: the next epoch may be planned in a background thread meanwhile
+        if last is not None and last[0] == epoch:
+            return last[1]
         rng = np.random.default_rng([self.seed, epoch, CLUSTER_STREAM])
         rows = np.empty(len(self), dtype=np.int64)
         for start in range(0, len(self), DRAW_CLUSTERS):  # int64 bounds: chunked draws are the one-call stream
