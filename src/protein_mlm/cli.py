@@ -22,11 +22,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from protein_mlm.errors import STORAGE_ERRORS, ConfigError, UserError, fail
+from protein_mlm.errors import STORAGE_ERRORS, ConfigError, Preempted, TrainingDiverged, UserError, fail
 from protein_mlm.overrides import nearest_key, override_key
-from protein_mlm.sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation, write_status
+from protein_mlm.reporting.summary import write_status
+from protein_mlm.sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation
 
 log = logging.getLogger(__name__)
+
+ENDINGS = ((TrainingDiverged, "diverged"), (Preempted, "preempted"))  # status.json of a run ended by one
 
 # hydra.sweep.subdir: jobs are named by the values of the swept keys only, e.g. scheduler.warmup_steps=1000
 OmegaConf.register_new_resolver(
@@ -249,7 +252,7 @@ def run_task(task, cfg: DictConfig) -> float:
                 "paths.log_dir / paths.cache_dir (checkpoints written before are intact; resume= continues)"
             ) from None
     except Exception as e:
-        status = {"TrainingDiverged": "diverged", "Preempted": "preempted"}.get(type(e).__name__, "failed")
+        status = next((name for kind, name in ENDINGS if isinstance(e, kind)), "failed")
         if distributed_rank() == 0 and Path(cfg.paths.output_dir).is_dir():
             write_status(cfg.paths.output_dir, status, step=getattr(e, "step", None), message=_one_line(e))
         if not multirun:

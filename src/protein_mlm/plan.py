@@ -15,7 +15,6 @@ from protein_mlm.errors import ConfigError
 from protein_mlm.model.attention import varlen_available
 from protein_mlm.model.esm import build_model, can_compile, count_parameters
 from protein_mlm.model.perf import cpu_flags, resolve_peak_tflops
-from protein_mlm.sweep import validation_steps
 
 AUTO_WORKERS = 4  # data.num_workers=auto on a GPU: loader processes per training process (scripts/loader_speed.py)
 COMPILE_MIN_STEPS = 100  # model.compile=auto: shorter runs rarely earn back a one-off compile of the layers
@@ -164,6 +163,12 @@ def build_schedule(cfg: DictConfig):
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     return schedule
+
+
+def validation_steps(max_steps: int, interval: Any) -> list[int]:
+    """The optimizer steps after which a run validates: every `interval` updates, and after the last."""
+    every = list(range(interval, max_steps + 1, interval)) if isinstance(interval, int) and interval > 0 else []
+    return every if every and every[-1] == max_steps else [*every, max_steps]
 
 
 def short_list(values: list[int], shown: int = 6) -> str:

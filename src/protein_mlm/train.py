@@ -13,14 +13,14 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from protein_mlm.errors import Preempted
 from protein_mlm.plan import RunPlan, plan_rows, split_optimizer_config, split_scheduler_config
 from protein_mlm.preflight import check_config
 from protein_mlm.reporting.console import route_records, silence_lightning_noise
 from protein_mlm.reporting.lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
+from protein_mlm.reporting.summary import write_status
 from protein_mlm.reporting.tables import print_config_tree, print_plan, print_summary
 from protein_mlm.reporting.tblog import read_scalars
-from protein_mlm.sweep import write_status
-from protein_mlm.training.callbacks import Preempted
 from protein_mlm.training.debug.callbacks import NanGradients
 from protein_mlm.training.metering import ThroughputMeter
 from protein_mlm.training.module import MaskedLMModule
@@ -146,12 +146,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except SIGTERMException:
-        error = Preempted(
+        raise Preempted(
+            trainer.global_step,
             f"stopped by SIGTERM after step {trainer.global_step}; saved checkpoints/last.ckpt; "
-            f"continue with resume={run_dir}"
-        )
-        error.step = trainer.global_step
-        raise error from None
+            f"continue with resume={run_dir}",
+        ) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["val/unigram_perplexity"] = datamodule.val_unigram_perplexity()

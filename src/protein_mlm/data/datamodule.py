@@ -98,7 +98,6 @@ class ProteinDataModule(pl.LightningDataModule):
         self.val_path = Path(val_path) if val_path else None
         self.val_fraction, self.max_length, self.batch_size = val_fraction, max_length, batch_size
         self.max_tokens = max_tokens
-        self.tokens_per_update = tokens_per_update  # read by train() to derive gradient accumulation
         self.num_workers, self.mask_prob, self.seed = num_workers, mask_prob, seed
         self.cache_dir = Path(cache_dir)
         # Page-locked batches copy to a GPU asynchronously; on a CPU-only machine pinning only costs memory.

@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from protein_mlm.errors import TrainingDiverged, UserError
+from protein_mlm.errors import TrainingDiverged
 from protein_mlm.reporting.console import stdout_is_terminal
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,6 @@ class StepProgressBar(RichProgressBar):
         if hasattr(loader, "epoch"):
             metrics["epoch"] = loader.epoch
         return metrics
-
-
-class Preempted(UserError):
-    """The run was stopped by SIGTERM (e.g. a preempted or timed-out cluster job) after saving a checkpoint."""
 
 
 def rewind_to_last_update(checkpoint: dict[str, Any], pending_micro_batches: int, val_check_batch: float) -> None:
