@@ -11,8 +11,7 @@ from protein_mlm.data.packing import check_packing_options
 from protein_mlm.data.streaming import check_streaming_options
 from protein_mlm.errors import ConfigError
 from protein_mlm.model import memory
-from protein_mlm.model.esm import build_model, count_parameters
-from protein_mlm.plan import RunPlan, num_devices, resolve, uses_gpu
+from protein_mlm.plan import RunPlan, resolve
 from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -77,25 +76,21 @@ def check_values(cfg: DictConfig) -> None:
         )
 
 
-def check_memory(cfg: DictConfig) -> None:
+def check_memory(cfg: DictConfig, plan: RunPlan | None = None) -> None:
     """Refuse a run whose estimated training memory exceeds what this machine (or GPU) has available."""
     if not cfg.get("perf", {}).get("check_memory", True):
         return
-    arch, data = cfg.model.architecture, cfg.data
-    on_gpu = uses_gpu(cfg.trainer.accelerator)
+    plan = plan or resolve(cfg)
+    arch, data, on_gpu = cfg.model.architecture, cfg.data, plan.on_gpu
     available = memory.available_bytes(on_gpu)
     if available is None:
         return
-    parameters = count_parameters(build_model(OmegaConf.to_container(arch, resolve=True), device="meta"))
-    processes = 1 if on_gpu else num_devices(cfg.trainer)  # DDP on CPU: every process on this host
-    shards = (
-        num_devices(cfg.trainer) * cfg.trainer.get("num_nodes", 1)
-        if "fsdp" in str(cfg.trainer.get("strategy")).lower()
-        else 1
-    )
+    processes = 1 if on_gpu else plan.devices  # DDP on CPU: every process on this host
+    fsdp = "fsdp" in str(cfg.trainer.get("strategy")).lower()
+    shards = plan.devices * cfg.trainer.get("num_nodes", 1) if fsdp else 1
     tokens = data.max_tokens or data.batch_size * data.max_length
     state, activations = memory.training_bytes(
-        parameters,
+        plan.parameters,
         arch.num_hidden_layers,
         arch.hidden_size,
         tokens,
@@ -115,26 +110,10 @@ def check_memory(cfg: DictConfig) -> None:
         )
 
 
-_last_checked: tuple[str, RunPlan] | None = None  # the CLI checks before Hydra starts the job, `train` again
-
-
 def check_config(cfg: DictConfig) -> RunPlan:
     """Reject values that would fail late or train silently wrong, with the fix in the message; return the plan.
 
-    The second check of the config just checked (Hydra's own `hydra` node aside) takes over the first one's plan
-    instead of checking again: a checkpoint's metadata is read once and warnings are not repeated. Only once, so a
-    long-lived process (tests, sweeps) never reuses a plan made before its files or memory changed."""
-    global _last_checked
-    key = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-    if _last_checked is not None and _last_checked[0] == key:
-        plan, _last_checked = _last_checked[1], None
-        return plan
-    plan = _check(cfg)
-    _last_checked = (key, plan)
-    return plan
-
-
-def _check(cfg: DictConfig) -> RunPlan:
+    Run once per run: the CLI checks before Hydra starts the job and hands the plan to `train`."""
     check_values(cfg)
     if cfg.get("ckpt_path"):
         check_checkpoint_matches(cfg)
@@ -184,7 +163,7 @@ def _check(cfg: DictConfig) -> RunPlan:
             "set optimizer.fused=false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
         )
     if not cfg.get("plan_only"):  # last: a specific error first; a plan (e.g. on a login node) trains nothing
-        check_memory(cfg)
+        check_memory(cfg, plan)
     if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:
         log.warning(
             "scheduler.warmup_steps=%s exceeds trainer.max_steps=%s: the LR never reaches optimizer.lr",

@@ -1,4 +1,4 @@
-"""`train(cfg)`: compose the objects a config describes, fit, and report. No `@hydra.main` here."""
+"""`train(cfg, plan)`: compose the objects a config describes, fit, and report. No `@hydra.main` here."""
 
 import logging
 import math
@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from protein_mlm.errors import Preempted
-from protein_mlm.plan import RunPlan, plan_rows, split_optimizer_config, split_scheduler_config
+from protein_mlm.plan import RunPlan, plan_rows
 from protein_mlm.preflight import check_config
 from protein_mlm.reporting.console import route_records, silence_lightning_noise
 from protein_mlm.reporting.lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
@@ -34,14 +34,12 @@ def is_rank_zero() -> bool:
 
 
 def build_module(cfg: DictConfig, plan: RunPlan) -> MaskedLMModule:
-    optimizer_cfg, no_decay = split_optimizer_config(cfg.optimizer)
-    _, lightning_keys = split_scheduler_config(cfg.scheduler)
     return MaskedLMModule(
         architecture=OmegaConf.to_container(cfg.model.architecture, resolve=True),
-        optimizer=instantiate(optimizer_cfg),
+        optimizer=instantiate(plan.optimizer),
         schedule=plan.schedule,
-        lr_scheduler=lightning_keys,
-        no_decay_bias_and_norm=no_decay,
+        lr_scheduler=plan.lr_scheduler,
+        no_decay_bias_and_norm=plan.no_decay_bias_and_norm,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         init_from=cfg.model.get("init_from"),
         activation_checkpointing=cfg.model.get("activation_checkpointing", False),
@@ -65,19 +63,14 @@ def unused_path(path: Path) -> Path:
     return path
 
 
-def schedule_label(cfg: DictConfig) -> str:
-    keys = ("warmup_steps", "final_lr_ratio", "decay_end_fraction", "timescale", "power")
-    details = ", ".join(f"{k}={cfg.scheduler[k]}" for k in keys if cfg.scheduler.get(k) is not None)
-    return f"{cfg.scheduler.name}: peak {cfg.optimizer.lr:g}, {details}, max_steps={cfg.trainer.max_steps}"
-
-
-def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
+def audit_run(plan: RunPlan, run_dir: Path, steps_done: int) -> str:
     """Compare the LR logged at every step with the planned curve; warn when they differ."""
     scalars = read_scalars(run_dir)
-    tags = [t for t in scalars if t == cfg.scheduler.name or t.startswith(f"{cfg.scheduler.name}/")]
+    name = plan.lr_scheduler.get("name")  # the LR monitor's tag
+    tags = [t for t in scalars if t == name or t.startswith(f"{name}/")]
     if not tags:
         return "skipped (no LR logged to TensorBoard)"
-    planned = planned_lrs(schedule, cfg.optimizer.lr, steps_done)
+    planned = planned_lrs(plan.schedule, plan.peak_lr, steps_done)
     problem = audit_logged_lrs(scalars[tags[0]], planned)
     if problem is None:
         return "ok"
@@ -90,11 +83,12 @@ def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
     return problem
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train as the config says; return the final validation metrics."""
+def train(cfg: DictConfig, plan: RunPlan | None = None) -> dict[str, float]:
+    """Train as the config says, by the plan `check_config(cfg)` made (the CLI's; made here when not given);
+    return the final validation metrics."""
     silence_lightning_noise()
     route_records()
-    plan = check_config(cfg)  # checked and resolved once; everything below reads `plan`
+    plan = plan or check_config(cfg)  # checked and resolved once; everything below reads `plan`
     started = time.monotonic()
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
@@ -139,7 +133,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     if main_process:
         plot_lr_curves(
-            [(schedule_label(cfg), plan.schedule, cfg.optimizer.lr, cfg.trainer.max_steps)],
+            [(plan.schedule_label, plan.schedule, plan.peak_lr, plan.max_steps)],
             run_dir / "lr_schedule.png",
             title="planned learning rate",
         )
@@ -160,7 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["wall_time_s"] = time.monotonic() - started
     if not trainer.is_global_zero:
         return metrics
-    metrics["lr_audit"] = audit_run(cfg, plan.schedule, run_dir, trainer.global_step)
+    metrics["lr_audit"] = audit_run(plan, run_dir, trainer.global_step)
     write_status(run_dir, "completed", **metrics)
     print_summary(metrics, run_dir)
     return metrics
