@@ -21,7 +21,6 @@ from protein_mlm.reporting.lr_plan import audit_logged_lrs, planned_lrs, plot_lr
 from protein_mlm.reporting.summary import write_status
 from protein_mlm.reporting.tables import print_config_tree, print_plan, print_summary
 from protein_mlm.reporting.tblog import read_scalars
-from protein_mlm.training.debug.callbacks import NanGradients
 from protein_mlm.training.metering import ThroughputMeter
 from protein_mlm.training.module import MaskedLMModule
 
@@ -46,6 +45,7 @@ def build_module(cfg: DictConfig, plan: RunPlan) -> MaskedLMModule:
         compile=plan.compile,
         static_shapes=plan.packing,
         fast_layers=cfg.model.get("fast_layers", False),
+        inject_nan_at_step=cfg.faults.inject_nan_at_step,
     )
 
 
@@ -117,8 +117,6 @@ def train(cfg: DictConfig, plan: RunPlan | None = None) -> dict[str, float]:
         print_plan(plan_rows(cfg, plan, datamodule.train_tokens()))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks.append(ThroughputMeter(plan.peak_tflops))  # the run's tokens/s and MFU, always
-    if cfg.faults.inject_nan_at_step is not None:
-        callbacks.append(NanGradients(cfg.faults.inject_nan_at_step))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not any(isinstance(logger, TensorBoardLogger) for logger in loggers):  # the run's own record, always
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False))
