@@ -127,7 +127,10 @@ def test_the_cli_checks_a_run_once_and_hands_its_plan_to_train(tmp_path, monkeyp
     from protein_mlm import cli, preflight
 
     plans, handed = [], []
-    monkeypatch.setattr(sys, "argv", ["train.py", "model=tiny", "trainer.max_steps=7", f"hydra.run.dir={tmp_path}/run"])
+    quiet_hydra = ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]  # no log handlers left behind
+    monkeypatch.setattr(
+        sys, "argv", ["train.py", "model=tiny", "trainer.max_steps=7", f"hydra.run.dir={tmp_path}/run", *quiet_hydra]
+    )
     cli.run(
         "train",
         lambda cfg, plan: handed.append(plan) or {},
