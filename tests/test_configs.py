@@ -120,23 +120,24 @@ def test_a_run_that_cannot_fit_the_machine_is_refused_before_it_starts(monkeypat
     )
 
 
-def test_a_config_is_checked_and_resolved_once_per_process(monkeypatch):
-    """The CLI checks before Hydra runs the job and `train` checks again: the second returns the first plan."""
-    from omegaconf import open_dict
+def test_the_cli_checks_a_run_once_and_hands_its_plan_to_train(tmp_path, monkeypatch):
+    """The CLI checks before Hydra runs the job; `train` gets that plan and checks nothing again."""
+    import sys
 
-    from protein_mlm import preflight
+    from protein_mlm import cli, preflight
 
-    calls = []
-    real_check = preflight._check
-    monkeypatch.setattr(preflight, "_check", lambda cfg: calls.append(cfg) or real_check(cfg))
-    monkeypatch.setattr(preflight, "_last_checked", None)
-    cfg = compose_config("model=tiny", "trainer.max_steps=7")
-    first = preflight.check_config(cfg)
-    with open_dict(cfg):
-        cfg.hydra = {"run": {"dir": "elsewhere"}}  # Hydra's own node differs between the two
-    assert preflight.check_config(cfg) is first and len(calls) == 1
-    assert first.accumulate == 1 and first.schedule(0) == real_check(cfg).schedule(0)
-    assert preflight.check_config(cfg) is not first and len(calls) == 2  # once only: a third check checks again
+    plans, handed = [], []
+    quiet_hydra = ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]  # no log handlers left behind
+    monkeypatch.setattr(
+        sys, "argv", ["train.py", "model=tiny", "trainer.max_steps=7", f"hydra.run.dir={tmp_path}/run", *quiet_hydra]
+    )
+    cli.run(
+        "train",
+        lambda cfg, plan: handed.append(plan) or {},
+        lambda cfg: plans.append(preflight.check_config(cfg)) or plans[-1],
+    )
+    assert len(plans) == 1 and handed == plans
+    assert plans[0].max_steps == 7 and plans[0].parameters > 0
 
 
 @pytest.mark.parametrize(

@@ -43,3 +43,23 @@ def test_same_file_for_training_and_validation(tmp_path):
     cfg = compose_config("trainer=cpu", f"data.train_path={path}", f"data.val_path={path}")
     with pytest.raises(ConfigError, match="data.train_path and data.val_path are the same file"):
         check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "arguments"),
+    [
+        ("data.batch_size=0", {"batch_size": 0}),
+        ("data.max_length=2", {"max_length": 2, "max_tokens": None}),
+        ("data.max_tokens=100", {"max_length": 1024, "max_tokens": 100}),
+        ("data.val_fraction=0", {"val_fraction": 0.0}),
+    ],
+)
+def test_a_data_rule_reads_the_same_from_preflight_and_the_datamodule(override, arguments):
+    """One definition (data/options.py): a config and a DataModule built directly break it with one message."""
+    from protein_mlm.data.datamodule import ProteinDataModule
+
+    with pytest.raises(ConfigError) as checked:
+        check_config(compose_config("trainer=cpu", override))
+    with pytest.raises(ConfigError) as direct:
+        ProteinDataModule(**arguments)
+    assert str(direct.value) == str(checked.value)

@@ -100,7 +100,11 @@ def test_tiny_run_trains_with_activation_checkpointing_and_bf16(tiny_cfg, tmp_pa
 @pytest.mark.slow
 def test_compiled_model_trains_and_keeps_checkpoint_keys(tiny_cfg, tmp_path):
     """torch.compile (C++ codegen on CPU: slow to start) trains, and checkpoints load into a plain model."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     train(tiny_cfg("model.compile=true", "trainer.max_steps=6", "trainer.val_check_interval=3"))
+    assert counters["stats"]["unique_graphs"] > 0, "compile fell back to eager: dynamo captured no graph"
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in k for k in state)
 

@@ -327,13 +327,13 @@ def test_slurm_experiment_sizes_the_job_from_the_trainer():
 
 def test_memory_formula():
     from protein_mlm.model.esm import build_model, count_parameters
-    from protein_mlm.model.parallel import training_state_bytes_per_gpu
+    from protein_mlm.model.memory import training_bytes
 
     cfg = compose_config("model=esm2_650m")
     params = count_parameters(build_model(OmegaConf.to_container(cfg.model.architecture), device="meta"))
-    per_gpu = training_state_bytes_per_gpu(params, 8)
-    assert sum(per_gpu.values()) == pytest.approx(16 * params / 8)
-    assert sum(training_state_bytes_per_gpu(params, 8, sharded=False).values()) == 16 * params
+    sharded, _ = training_bytes(params, layers=1, hidden=1, tokens=1, shards=8)
+    assert sharded == pytest.approx(16 * params / 8)
+    assert training_bytes(params, layers=1, hidden=1, tokens=1)[0] == 16 * params
 
 
 def test_a_local_multirun_of_ddp_jobs_is_a_one_line_error(tmp_path):

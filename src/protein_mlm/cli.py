@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -22,11 +23,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from protein_mlm.errors import STORAGE_ERRORS, ConfigError, UserError, fail
+from protein_mlm.errors import STORAGE_ERRORS, ConfigError, Preempted, TrainingDiverged, UserError, fail
 from protein_mlm.overrides import nearest_key, override_key
-from protein_mlm.sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation, write_status
+from protein_mlm.reporting.summary import write_status
+from protein_mlm.sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation
 
 log = logging.getLogger(__name__)
+
+ENDINGS = ((TrainingDiverged, "diverged"), (Preempted, "preempted"))  # status.json of a run ended by one
 
 # hydra.sweep.subdir: jobs are named by the values of the swept keys only, e.g. scheduler.warmup_steps=1000
 OmegaConf.register_new_resolver(
@@ -205,42 +209,44 @@ def check_multirun_processes(cfg: DictConfig) -> None:
         )
 
 
-def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
-    """Check a single run's overrides and pin its (unique, created) run dir; leave flags to Hydra."""
+def prepare_argv(config_name: str, argv: list[str], check) -> tuple[list[str], Any]:
+    """Check a single run's overrides and pin its (unique, created) run dir; leave flags to Hydra. Returns the
+    command line for Hydra and what the check returned for the run (its plan), to hand to the task; None where
+    each job checks itself: sweeps (a job may run on another machine), Hydra's own modes and DDP children."""
     flags = [arg for arg in argv if arg.startswith("-")]
     if flags and set(flags) <= {"-m", "--multirun"}:
         check_sweep(config_name, [arg for arg in argv if arg not in flags], check)
-        return argv
+        return argv, None
     if flags:
-        return argv  # --help, --cfg, --info …: Hydra's own modes
+        return argv, None  # --help, --cfg, --info …: Hydra's own modes
     if distributed_rank() > 0:
         # A DDP child: Lightning re-runs this command line with hydra.run.dir pinned to rank 0's run dir, which
         # rank 0 has checked and created already; making or checking one here would fork the run into two dirs.
-        return argv
+        return argv, None
     if any(override_key(arg) == "resume" for arg in argv):
         argv = resume_argv(argv)
         check_saved_overrides(config_name, argv)
-        check(compose_checked(config_name, argv))
-        return argv
+        return argv, check(compose_checked(config_name, argv))
     cfg = compose_checked(config_name, argv)
-    check(cfg)
+    checked = check(cfg)
     if cfg.hydra.get("mode") == RunMode.MULTIRUN:  # e.g. hparams_search=optuna: jobs go to the sweep dir
-        return argv
+        return argv, None
     explicit = any(override_key(arg) == "hydra.run.dir" for arg in argv)
     run_dir = make_run_dir(cfg.hydra.run.dir, explicit)
-    return [a for a in argv if override_key(a) != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"]
+    return [a for a in argv if override_key(a) != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"], checked
 
 
-def run_task(task, cfg: DictConfig) -> float:
-    """Run one job. A single run fails loudly (one line for user errors); a multirun job records the failure
-    in its status.json and returns +inf, so the sweep goes on and a sweeper can rank it."""
+def run_task(task, cfg: DictConfig, checked: Any = None) -> float:
+    """Run one job, with the plan the CLI's check made (`task(cfg, checked)`; `task(cfg)` checks itself).
+    A single run fails loudly (one line for user errors); a multirun job records the failure in its status.json
+    and returns +inf, so the sweep goes on and a sweeper can rank it."""
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if multirun and cfg.get("num_threads") is None:
         with open_dict(cfg):
             cfg.num_threads = threads_per_parallel_job(HydraConfig.get().launcher)
     try:
         try:
-            metrics = task(cfg)
+            metrics = task(cfg) if checked is None else task(cfg, checked)
         except OSError as e:
             if e.errno not in STORAGE_ERRORS:
                 raise
@@ -249,7 +255,7 @@ def run_task(task, cfg: DictConfig) -> float:
                 "paths.log_dir / paths.cache_dir (checkpoints written before are intact; resume= continues)"
             ) from None
     except Exception as e:
-        status = {"TrainingDiverged": "diverged", "Preempted": "preempted"}.get(type(e).__name__, "failed")
+        status = next((name for kind, name in ENDINGS if isinstance(e, kind)), "failed")
         if distributed_rank() == 0 and Path(cfg.paths.output_dir).is_dir():
             write_status(cfg.paths.output_dir, status, step=getattr(e, "step", None), message=_one_line(e))
         if not multirun:
@@ -262,16 +268,19 @@ def run_task(task, cfg: DictConfig) -> float:
 
 
 def run(config_name: str, task, check) -> None:
-    """Run `task(cfg)` under `@hydra.main` with one-line errors for anything the user can fix."""
+    """Run `task(cfg)` under `@hydra.main` with one-line errors for anything the user can fix; the config is
+    checked once, here, and what `check` returned goes to the task (Hydra composes the same command line)."""
+    checked = None
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def _main(cfg: DictConfig) -> float:
-        return run_task(task, cfg)
+        return run_task(task, cfg, checked)
 
     try:
-        sys.argv = sys.argv[:1] + prepare_argv(config_name, sys.argv[1:], check)
+        argv, checked = prepare_argv(config_name, sys.argv[1:], check)
     except UserError as e:
         fail(str(e))
+    sys.argv = sys.argv[:1] + argv
     _main()
 
 

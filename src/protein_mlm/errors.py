@@ -35,3 +35,11 @@ class TrainingDiverged(UserError):
             f"training diverged at step {step}: {reason}; lower optimizer.lr, raise scheduler.warmup_steps "
             "or set trainer.gradient_clip_val (the last good checkpoint is kept)"
         )
+
+
+class Preempted(UserError):
+    """The run was stopped by SIGTERM (e.g. a preempted or timed-out cluster job) after saving a checkpoint."""
+
+    def __init__(self, step: int, message: str):
+        self.step = step
+        super().__init__(message)

@@ -15,7 +15,6 @@ from protein_mlm.errors import ConfigError
 from protein_mlm.model.attention import varlen_available
 from protein_mlm.model.esm import build_model, can_compile, count_parameters
 from protein_mlm.model.perf import cpu_flags, resolve_peak_tflops
-from protein_mlm.sweep import validation_steps
 
 AUTO_WORKERS = 4  # data.num_workers=auto on a GPU: loader processes per training process (scripts/loader_speed.py)
 COMPILE_MIN_STEPS = 100  # model.compile=auto: shorter runs rarely earn back a one-off compile of the layers
@@ -35,6 +34,13 @@ class RunPlan:
     compile: bool  # model.compile, where this machine can compile
     packing: bool  # data.packing, `auto` resolved (saved in the run's config.yaml, so a resume keeps its batches)
     num_workers: int  # data.num_workers, `auto` resolved for this machine
+    parameters: int  # trainable parameters of model.architecture (counted once, on the meta device)
+    max_steps: int  # trainer.max_steps: optimizer updates
+    peak_lr: float  # optimizer.lr
+    optimizer: dict[str, Any]  # the torch optimizer's `_partial_` config
+    no_decay_bias_and_norm: bool  # biases and LayerNorm weights skip weight decay
+    lr_scheduler: dict[str, Any]  # Lightning's lr_scheduler keys (interval, frequency, name)
+    schedule_label: str  # the schedule in one line, for plots
 
 
 def resolve_compile(setting: bool | str, max_steps: int, on_gpu: bool) -> bool:
@@ -70,13 +76,16 @@ def resolve(cfg: DictConfig) -> RunPlan:
         resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         uses_gpu(cfg.trainer.accelerator),
     )
+    schedule_cfg, lightning_keys = split_scheduler_config(cfg.scheduler)
+    optimizer, no_decay = split_optimizer_config(cfg.optimizer)
+    architecture = OmegaConf.to_container(cfg.model.architecture, resolve=True)
     return RunPlan(
         precision=precision,
         on_gpu=on_gpu,
         devices=num_devices(cfg.trainer),
         accumulate=accumulate,
         val_check_batches=validation_interval(cfg, accumulate),
-        schedule=build_schedule(cfg),
+        schedule=make_schedule(schedule_cfg, cfg.trainer.max_steps),
         peak_tflops=resolve_peak_tflops(cfg.get("perf", {}).get("peak_tflops"), precision, on_gpu),
         compile=resolve_compile(cfg.model.get("compile", False), cfg.trainer.max_steps, on_gpu),
         packing=resolve_packing(
@@ -86,6 +95,13 @@ def resolve(cfg: DictConfig) -> RunPlan:
             cfg.model.architecture.get("attention_probs_dropout_prob", 0.0),
         ),
         num_workers=resolve_num_workers(cfg.data.get("num_workers", 0), on_gpu, num_devices(cfg.trainer)),
+        parameters=count_parameters(build_model(architecture, device="meta")),
+        max_steps=cfg.trainer.max_steps,
+        peak_lr=cfg.optimizer.lr,
+        optimizer=optimizer,
+        no_decay_bias_and_norm=no_decay,
+        lr_scheduler=lightning_keys,
+        schedule_label=schedule_label(cfg),
     )
 
 
@@ -152,18 +168,35 @@ def validation_interval(cfg: DictConfig, accumulate: int) -> int | float:
     return interval * accumulate if isinstance(interval, int) else interval
 
 
-def build_schedule(cfg: DictConfig):
+def build_schedule(cfg: DictConfig) -> Callable[[int], float]:
     """The configured `step -> multiplier` function, checked at the first and the last step."""
-    schedule_cfg, _ = split_scheduler_config(cfg.scheduler)
+    return make_schedule(split_scheduler_config(cfg.scheduler)[0], cfg.trainer.max_steps)
+
+
+def make_schedule(schedule_cfg: dict[str, Any], max_steps: int) -> Callable[[int], float]:
+    """The schedule a `_partial_` config describes, checked at the first and the last step."""
     schedule = instantiate(schedule_cfg)
     try:
-        for step in (0, cfg.trainer.max_steps - 1):
+        for step in (0, max_steps - 1):
             value = schedule(step)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"the schedule gives LR multiplier {value} at step {step}; check scheduler.*")
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     return schedule
+
+
+def schedule_label(cfg: DictConfig) -> str:
+    """`inverse_sqrt: peak 0.0004, warmup_steps=2000, ..., max_steps=...`: a curve's name in LR plots."""
+    keys = ("warmup_steps", "final_lr_ratio", "decay_end_fraction", "timescale", "power")
+    details = ", ".join(f"{k}={cfg.scheduler[k]}" for k in keys if cfg.scheduler.get(k) is not None)
+    return f"{cfg.scheduler.name}: peak {cfg.optimizer.lr:g}, {details}, max_steps={cfg.trainer.max_steps}"
+
+
+def validation_steps(max_steps: int, interval: Any) -> list[int]:
+    """The optimizer steps after which a run validates: every `interval` updates, and after the last."""
+    every = list(range(interval, max_steps + 1, interval)) if isinstance(interval, int) and interval > 0 else []
+    return every if every and every[-1] == max_steps else [*every, max_steps]
 
 
 def short_list(values: list[int], shown: int = 6) -> str:
@@ -176,20 +209,16 @@ def plan_rows(cfg: DictConfig, plan: RunPlan, train_tokens: int | None) -> list[
     """What will run, resolved: batch size in tokens, accumulation, schedule milestones, epochs implied."""
     per_update = (cfg.data.max_tokens or cfg.data.batch_size * cfg.data.max_length) * plan.devices * plan.accumulate
     per_update *= cfg.trainer.get("num_nodes", 1)
-    steps = cfg.trainer.max_steps
-    last_lr = cfg.optimizer.lr * plan.schedule(steps - 1)
-    parameters = count_parameters(build_model(OmegaConf.to_container(cfg.model.architecture), device="meta"))
+    steps = plan.max_steps
+    last_lr = plan.peak_lr * plan.schedule(steps - 1)
     rows = [
-        ("model parameters", f"{parameters / 1e6:,.2f} M ({cfg.model.name})"),
-        (
-            "validations (after step)",
-            short_list(validation_steps(cfg.trainer.max_steps, cfg.trainer.val_check_interval)),
-        ),
+        ("model parameters", f"{plan.parameters / 1e6:,.2f} M ({cfg.model.name})"),
+        ("validations (after step)", short_list(validation_steps(steps, cfg.trainer.val_check_interval))),
         ("padded tokens per update (at most)", f"{per_update:,}"),
         ("target tokens per update", f"{cfg.data.tokens_per_update:,}" if cfg.data.get("tokens_per_update") else "-"),
         ("accumulate_grad_batches", str(plan.accumulate)),
         ("warmup steps / total steps", f"{cfg.scheduler.get('warmup_steps', 0):,} / {steps:,}"),
-        ("peak LR / LR at the last step", f"{cfg.optimizer.lr:.3g} / {last_lr:.3g}"),
+        ("peak LR / LR at the last step", f"{plan.peak_lr:.3g} / {last_lr:.3g}"),
         ("epochs max_steps implies (about)", f"{steps * per_update / train_tokens:.2f}" if train_tokens else "-"),
     ]
     zero_shot = (cfg.get("callbacks") or {}).get("zero_shot")

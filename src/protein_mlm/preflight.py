@@ -3,73 +3,46 @@ in its one-line error, and the resolved `RunPlan` (plan.py) that the run then re
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from protein_mlm.data.packing import check_packing_options
-from protein_mlm.data.streaming import check_streaming_options
+from protein_mlm.data.options import check_data_options
 from protein_mlm.errors import ConfigError
 from protein_mlm.model import memory
-from protein_mlm.model.esm import build_model, count_parameters
-from protein_mlm.plan import RunPlan, num_devices, resolve, uses_gpu
-from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_checkpoint
+from protein_mlm.plan import RunPlan, resolve
+from protein_mlm.rules import ValueRule, check_value
+from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, check_init_from, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-# The value rules of a run, in one table: key, type (None: may be null), the requirement, an example.
-VALUE_RULES: tuple[tuple[str, tuple, Any, str, str], ...] = (
-    ("optimizer.lr", (float,), lambda v: v > 0, "> 0 (the peak LR)", "optimizer.lr=4e-4"),
-    ("trainer.max_steps", (int,), lambda v: v > 0, "> 0 (optimizer updates)", "trainer.max_steps=1000"),
-    ("scheduler.warmup_steps", (int,), lambda v: v >= 0, ">= 0", "scheduler.warmup_steps=100"),
-    ("trainer.accumulate_grad_batches", (int,), lambda v: v >= 1, ">= 1", "trainer.accumulate_grad_batches=4"),
-    ("trainer.val_check_interval", (int, None), lambda v: v >= 1, ">= 1 (updates)", "trainer.val_check_interval=500"),
-    ("trainer.gradient_clip_val", (float, None), lambda v: v > 0, "> 0 or null", "trainer.gradient_clip_val=1.0"),
-    ("seed", (int,), lambda v: v >= 0, ">= 0", "seed=0"),
-    ("data.max_length", (int,), lambda v: v >= 3, ">= 3 (room for <cls>, <eos> and a residue)", "data.max_length=1024"),
-    ("data.max_tokens", (int, None), lambda v: v >= 3, ">= data.max_length, or null", "data.max_tokens=4096"),
-    ("data.batch_size", (int,), lambda v: v >= 1, ">= 1", "data.batch_size=16"),
-    ("data.val_fraction", (float,), lambda v: 0 <= v < 1, "in [0, 1)", "data.val_fraction=0.03"),
-    ("data.val_max_sequences", (int, None), lambda v: v >= 1, ">= 1 or null", "data.val_max_sequences=10000"),
-    ("data.mask_prob", (float,), lambda v: 0 < v < 1, "in (0, 1)", "data.mask_prob=0.15"),
-    ("data.num_workers", (int,), lambda v: v >= 0, ">= 0 or auto", "data.num_workers=2"),
+# The value rules of a run, in one table (the data.* ones are data/options.py's): key, type (None: may be null), the
+# requirement, an example.
+VALUE_RULES = (
+    ValueRule("optimizer.lr", (float,), lambda v: v > 0, "> 0 (the peak LR)", "optimizer.lr=4e-4"),
+    ValueRule("trainer.max_steps", (int,), lambda v: v > 0, "> 0 (optimizer updates)", "trainer.max_steps=1000"),
+    ValueRule("scheduler.warmup_steps", (int,), lambda v: v >= 0, ">= 0", "scheduler.warmup_steps=100"),
+    ValueRule("trainer.accumulate_grad_batches", (int,), lambda v: v >= 1, ">= 1", "trainer.accumulate_grad_batches=4"),
+    ValueRule(
+        "trainer.val_check_interval", (int, None), lambda v: v >= 1, ">= 1 (updates)", "trainer.val_check_interval=500"
+    ),
+    ValueRule(
+        "trainer.gradient_clip_val", (float, None), lambda v: v > 0, "> 0 or null", "trainer.gradient_clip_val=1.0"
+    ),
+    ValueRule("seed", (int,), lambda v: v >= 0, ">= 0", "seed=0"),
 )
-AUTO_ALLOWED = {"data.num_workers"}  # keys whose value may also be `auto` (resolved in plan.py)
-
-
-def _type_ok(value: Any, types: tuple) -> bool:
-    if value is None:
-        return None in types
-    if isinstance(value, bool):
-        return False
-    return (float in types and isinstance(value, int | float)) or (int in types and isinstance(value, int))
+ABSENT = object()
 
 
 def check_values(cfg: DictConfig) -> None:
     """Each VALUE_RULES key has its type and range; the message names the key, the value and an example."""
-    for key, types, valid, requirement, example in VALUE_RULES:
-        value = OmegaConf.select(cfg, key, default="<absent>")
-        if isinstance(value, str) and (value == "<absent>" or (value == "auto" and key in AUTO_ALLOWED)):
-            continue
-        kind = " or ".join("null" if t is None else t.__name__ for t in types)
-        if not _type_ok(value, types):
-            raise ConfigError(f"{key}={value!r} is not {'an' if kind[0] == 'i' else 'a'} {kind}; e.g. {example}")
-        if value is not None and not valid(value):
-            raise ConfigError(f"{key}={value} must be {requirement}; e.g. {example}")
+    for rule in VALUE_RULES:
+        value = OmegaConf.select(cfg, rule.key, default=ABSENT)
+        if value is not ABSENT:
+            check_value(rule, value)
+    check_data_options(cfg.data)
     if cfg.model.get("compile", False) not in (True, False, "auto"):
         raise ConfigError(f"model.compile={cfg.model.compile!r} must be true, false or auto; e.g. model.compile=auto")
-    if cfg.data.get("packing", False) not in (True, False, "auto"):
-        raise ConfigError(f"data.packing={cfg.data.packing!r} must be true, false or auto; e.g. data.packing=auto")
     data = cfg.data
-    if data.get("max_tokens") is not None and data.max_tokens < data.max_length:
-        raise ConfigError(
-            f"data.max_tokens={data.max_tokens} is below data.max_length={data.max_length}, so a long sequence fits "
-            "no batch; raise data.max_tokens or lower data.max_length"
-        )
-    if data.get("val_path") is None and not data.get("streaming") and data.val_fraction == 0:
-        raise ConfigError(
-            "data.val_fraction=0 leaves no validation set; use e.g. data.val_fraction=0.03 or pass data.val_path"
-        )
     arch = cfg.model.architecture
     if arch.get("position_embedding_type") == "absolute" and data.max_length > arch.max_position_embeddings - 2:
         raise ConfigError(
@@ -78,25 +51,21 @@ def check_values(cfg: DictConfig) -> None:
         )
 
 
-def check_memory(cfg: DictConfig) -> None:
+def check_memory(cfg: DictConfig, plan: RunPlan | None = None) -> None:
     """Refuse a run whose estimated training memory exceeds what this machine (or GPU) has available."""
     if not cfg.get("perf", {}).get("check_memory", True):
         return
-    arch, data = cfg.model.architecture, cfg.data
-    on_gpu = uses_gpu(cfg.trainer.accelerator)
+    plan = plan or resolve(cfg)
+    arch, data, on_gpu = cfg.model.architecture, cfg.data, plan.on_gpu
     available = memory.available_bytes(on_gpu)
     if available is None:
         return
-    parameters = count_parameters(build_model(OmegaConf.to_container(arch, resolve=True), device="meta"))
-    processes = 1 if on_gpu else num_devices(cfg.trainer)  # DDP on CPU: every process on this host
-    shards = (
-        num_devices(cfg.trainer) * cfg.trainer.get("num_nodes", 1)
-        if "fsdp" in str(cfg.trainer.get("strategy")).lower()
-        else 1
-    )
+    processes = 1 if on_gpu else plan.devices  # DDP on CPU: every process on this host
+    fsdp = "fsdp" in str(cfg.trainer.get("strategy")).lower()
+    shards = plan.devices * cfg.trainer.get("num_nodes", 1) if fsdp else 1
     tokens = data.max_tokens or data.batch_size * data.max_length
     state, activations = memory.training_bytes(
-        parameters,
+        plan.parameters,
         arch.num_hidden_layers,
         arch.hidden_size,
         tokens,
@@ -116,32 +85,15 @@ def check_memory(cfg: DictConfig) -> None:
         )
 
 
-_last_checked: tuple[str, RunPlan] | None = None  # the CLI checks before Hydra starts the job, `train` again
-
-
 def check_config(cfg: DictConfig) -> RunPlan:
     """Reject values that would fail late or train silently wrong, with the fix in the message; return the plan.
 
-    The second check of the config just checked (Hydra's own `hydra` node aside) takes over the first one's plan
-    instead of checking again: a checkpoint's metadata is read once and warnings are not repeated. Only once, so a
-    long-lived process (tests, sweeps) never reuses a plan made before its files or memory changed."""
-    global _last_checked
-    key = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-    if _last_checked is not None and _last_checked[0] == key:
-        plan, _last_checked = _last_checked[1], None
-        return plan
-    plan = _check(cfg)
-    _last_checked = (key, plan)
-    return plan
-
-
-def _check(cfg: DictConfig) -> RunPlan:
+    Run once per run: the CLI checks before Hydra starts the job and hands the plan to `train`."""
     check_values(cfg)
     if cfg.get("ckpt_path"):
         check_checkpoint_matches(cfg)
-    init_from = cfg.model.get("init_from")
-    if init_from and not (Path(init_from) / "config.json").is_file():
-        raise ConfigError(f"model.init_from={init_from} holds no config.json; pass a local Hugging Face ESM directory")
+    if cfg.model.get("init_from"):
+        check_init_from(cfg.model.init_from)
     train, val = cfg.data.get("train_path"), cfg.data.get("val_path")
     if train and val and Path(train).resolve() == Path(val).resolve():
         raise ConfigError(
@@ -169,15 +121,11 @@ def _check(cfg: DictConfig) -> RunPlan:
             "trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU); on CPU use trainer=ddp "
             "trainer.accelerator=cpu"
         )
-    data = cfg.data
-    packing = data.get("packing", False) is True  # `auto` picks packing only where its rules hold (plan.py)
-    check_packing_options(packing, data.max_tokens, data.get("streaming", False), data.max_length)
+    packing = cfg.data.get("packing", False) is True  # `auto` picks packing only where its rules hold (plan.py)
     if packing and cfg.model.architecture.get("attention_probs_dropout_prob", 0.0) > 0:
         raise ConfigError(
             "data.packing=true needs model.architecture.attention_probs_dropout_prob=0.0 (ESM-2 trains without it)"
         )
-    if data.get("streaming"):
-        check_streaming_options(data.val_path, data.max_tokens, data.get("cluster_map"), data.get("tokens_per_update"))
     fp16 = plan.precision in ("16-mixed", 16, "16")
     if fp16 and cfg.optimizer.get("fused") and cfg.trainer.get("gradient_clip_val"):
         raise ConfigError(
@@ -185,7 +133,7 @@ def _check(cfg: DictConfig) -> RunPlan:
             "set optimizer.fused=false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
         )
     if not cfg.get("plan_only"):  # last: a specific error first; a plan (e.g. on a login node) trains nothing
-        check_memory(cfg)
+        check_memory(cfg, plan)
     if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:
         log.warning(
             "scheduler.warmup_steps=%s exceeds trainer.max_steps=%s: the LR never reaches optimizer.lr",

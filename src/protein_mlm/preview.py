@@ -5,10 +5,9 @@ from pathlib import Path
 
 from protein_mlm.cli import compose_checked
 from protein_mlm.overrides import override_key
-from protein_mlm.plan import build_schedule
+from protein_mlm.plan import build_schedule, schedule_label
 from protein_mlm.reporting.lr_plan import plot_lr_curves
 from protein_mlm.sweep import expand_sweep
-from protein_mlm.train import schedule_label
 
 
 def preview(*override_groups: list[str], out: str | Path) -> tuple[list[tuple], object]:

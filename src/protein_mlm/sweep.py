@@ -1,9 +1,8 @@
-"""Multirun sweeps: job status files, job directory names, checks before a sweep starts, and the Hydra callback
+"""Multirun sweeps: job directory names, checks before a sweep starts, and the Hydra callback
 that keeps the sweep's summary (summary.py) up to date."""
 
 import hashlib
 import itertools
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,18 +13,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from protein_mlm.overrides import override_key
-from protein_mlm.reporting.summary import STATUS_FILE, write_summary
+from protein_mlm.reporting.summary import write_summary
 
 log = logging.getLogger(__name__)
 
 SWEPT_KEYS_ENV = "PROTEIN_MLM_SWEPT_KEYS"  # set at sweep start, read when each job's dir is named
-
-
-def write_status(run_dir: str | Path, status: str, **fields: Any) -> None:
-    """Record how a run ended (`completed`, `failed`, `diverged`) beside its logs."""
-    path = Path(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / STATUS_FILE).write_text(json.dumps({"status": status, **fields}, indent=2, default=str))
 
 
 def swept_keys(overrides: list[str], sweeper_params: dict[str, Any] | None = None) -> list[str]:
@@ -62,14 +54,10 @@ def job_dir_name(job_overrides: list[str], job_num: int) -> str:
     return name
 
 
-def validation_steps(max_steps: int, interval: Any) -> list[int]:
-    """The optimizer steps after which a run validates: every `interval` updates, and after the last."""
-    every = list(range(interval, max_steps + 1, interval)) if isinstance(interval, int) and interval > 0 else []
-    return every if every and every[-1] == max_steps else [*every, max_steps]
-
-
 def warn_short_validation(jobs: list[tuple[str, int, Any]]) -> None:
     """Warn once when a job (name, max_steps, val_check_interval) validates fewer than 3 times."""
+    from protein_mlm.plan import validation_steps  # here: plan.py imports torch, which the CLI's start skips
+
     short = [(name, len(validation_steps(steps, interval))) for name, steps, interval in jobs]
     short = [(name, n) for name, n in short if n < 3]
     if short:

@@ -1,4 +1,4 @@
-"""`train(cfg)`: compose the objects a config describes, fit, and report. No `@hydra.main` here."""
+"""`train(cfg, plan)`: compose the objects a config describes, fit, and report. No `@hydra.main` here."""
 
 import logging
 import math
@@ -14,15 +14,14 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from protein_mlm.plan import RunPlan, plan_rows, split_optimizer_config, split_scheduler_config
+from protein_mlm.errors import Preempted
+from protein_mlm.plan import RunPlan, plan_rows
 from protein_mlm.preflight import check_config
 from protein_mlm.reporting.console import route_records, silence_lightning_noise
 from protein_mlm.reporting.lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
+from protein_mlm.reporting.summary import write_status
 from protein_mlm.reporting.tables import print_config_tree, print_plan, print_summary
 from protein_mlm.reporting.tblog import read_scalars
-from protein_mlm.sweep import write_status
-from protein_mlm.training.callbacks import Preempted
-from protein_mlm.training.debug.callbacks import NanGradients
 from protein_mlm.training.metering import ThroughputMeter
 from protein_mlm.training.module import MaskedLMModule
 
@@ -40,20 +39,19 @@ def launched_together() -> bool:
 
 
 def build_module(cfg: DictConfig, plan: RunPlan) -> MaskedLMModule:
-    optimizer_cfg, no_decay = split_optimizer_config(cfg.optimizer)
-    _, lightning_keys = split_scheduler_config(cfg.scheduler)
     return MaskedLMModule(
         architecture=OmegaConf.to_container(cfg.model.architecture, resolve=True),
-        optimizer=instantiate(optimizer_cfg),
+        optimizer=instantiate(plan.optimizer),
         schedule=plan.schedule,
-        lr_scheduler=lightning_keys,
-        no_decay_bias_and_norm=no_decay,
+        lr_scheduler=plan.lr_scheduler,
+        no_decay_bias_and_norm=plan.no_decay_bias_and_norm,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         init_from=cfg.model.get("init_from"),
         activation_checkpointing=cfg.model.get("activation_checkpointing", False),
         compile=plan.compile,
         static_shapes=plan.packing,
         fast_layers=cfg.model.get("fast_layers", False),
+        inject_nan_at_step=cfg.faults.inject_nan_at_step,
     )
 
 
@@ -71,19 +69,14 @@ def unused_path(path: Path) -> Path:
     return path
 
 
-def schedule_label(cfg: DictConfig) -> str:
-    keys = ("warmup_steps", "final_lr_ratio", "decay_end_fraction", "timescale", "power")
-    details = ", ".join(f"{k}={cfg.scheduler[k]}" for k in keys if cfg.scheduler.get(k) is not None)
-    return f"{cfg.scheduler.name}: peak {cfg.optimizer.lr:g}, {details}, max_steps={cfg.trainer.max_steps}"
-
-
-def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
+def audit_run(plan: RunPlan, run_dir: Path, steps_done: int) -> str:
     """Compare the LR logged at every step with the planned curve; warn when they differ."""
     scalars = read_scalars(run_dir)
-    tags = [t for t in scalars if t == cfg.scheduler.name or t.startswith(f"{cfg.scheduler.name}/")]
+    name = plan.lr_scheduler.get("name")  # the LR monitor's tag
+    tags = [t for t in scalars if t == name or t.startswith(f"{name}/")]
     if not tags:
         return "skipped (no LR logged to TensorBoard)"
-    planned = planned_lrs(schedule, cfg.optimizer.lr, steps_done)
+    planned = planned_lrs(plan.schedule, plan.peak_lr, steps_done)
     problem = audit_logged_lrs(scalars[tags[0]], planned)
     if problem is None:
         return "ok"
@@ -96,11 +89,12 @@ def audit_run(cfg: DictConfig, schedule, run_dir: Path, steps_done: int) -> str:
     return problem
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train as the config says; return the final validation metrics."""
+def train(cfg: DictConfig, plan: RunPlan | None = None) -> dict[str, float]:
+    """Train as the config says, by the plan `check_config(cfg)` made (the CLI's; made here when not given);
+    return the final validation metrics."""
     silence_lightning_noise()
     route_records()
-    plan = check_config(cfg)  # checked and resolved once; everything below reads `plan`
+    plan = plan or check_config(cfg)  # checked and resolved once; everything below reads `plan`
     started = time.monotonic()
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
@@ -132,8 +126,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print_plan(plan_rows(cfg, plan, datamodule.train_tokens() if datamodule.splits is not None else None))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks.append(ThroughputMeter(plan.peak_tflops))  # the run's tokens/s and MFU, always
-    if cfg.faults.inject_nan_at_step is not None:
-        callbacks.append(NanGradients(cfg.faults.inject_nan_at_step))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not any(isinstance(logger, TensorBoardLogger) for logger in loggers):  # the run's own record, always
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False))
@@ -148,19 +140,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     if main_process:
         plot_lr_curves(
-            [(schedule_label(cfg), plan.schedule, cfg.optimizer.lr, cfg.trainer.max_steps)],
+            [(plan.schedule_label, plan.schedule, plan.peak_lr, plan.max_steps)],
             run_dir / "lr_schedule.png",
             title="planned learning rate",
         )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except SIGTERMException:
-        error = Preempted(
+        raise Preempted(
+            trainer.global_step,
             f"stopped by SIGTERM after step {trainer.global_step}; saved checkpoints/last.ckpt; "
-            f"continue with resume={run_dir}"
-        )
-        error.step = trainer.global_step
-        raise error from None
+            f"continue with resume={run_dir}",
+        ) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["val/unigram_perplexity"] = datamodule.val_unigram_perplexity()
@@ -170,7 +161,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["wall_time_s"] = time.monotonic() - started
     if not trainer.is_global_zero:
         return metrics
-    metrics["lr_audit"] = audit_run(cfg, plan.schedule, run_dir, trainer.global_step)
+    metrics["lr_audit"] = audit_run(plan, run_dir, trainer.global_step)
     write_status(run_dir, "completed", **metrics)
     print_summary(metrics, run_dir)
     return metrics

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 from protein_mlm.data.clusters import ClusterSampler, load_cluster_sampler
 from protein_mlm.data.loader import ResumableLoader
 from protein_mlm.data.masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
-from protein_mlm.data.packing import PackedBatches, check_packing_options, collate_packed
+from protein_mlm.data.options import check_data_options
+from protein_mlm.data.packing import PackedBatches, collate_packed
 from protein_mlm.data.preprocess import (
     BUNDLED_FASTA,
     SplitStats,
@@ -28,7 +29,7 @@ from protein_mlm.data.preprocess import (
 )
 from protein_mlm.data.readers import has_record_ids
 from protein_mlm.data.samplers import EpochSampler, FixedSizeBatches, TokenBudgetBatchSampler, padding_index
-from protein_mlm.data.streaming import check_streaming_options, fasta_files, streaming_loader
+from protein_mlm.data.streaming import fasta_files, streaming_loader
 from protein_mlm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -85,26 +86,27 @@ class ProteinDataModule(pl.LightningDataModule):
                 f"ProteinDataModule takes data.packing={packing!r} and data.num_workers={num_workers!r} resolved; "
                 "`auto` is resolved by the run plan: build it with protein_mlm.train.build_datamodule(cfg, plan)"
             )
-        check_packing_options(packing, max_tokens, streaming, max_length)
-        if streaming:
-            check_streaming_options(val_path, max_tokens, cluster_map, tokens_per_update)
-        if max_length < 3:
-            raise ConfigError(f"data.max_length={max_length} leaves no room for residues; use at least 3")
-        if max_tokens is not None and max_tokens < max_length:
-            raise ConfigError(
-                f"data.max_tokens={max_tokens} is below data.max_length={max_length}, so a long sequence fits no "
-                "batch; raise data.max_tokens or lower data.max_length"
+        check_data_options(
+            dict(
+                max_length=max_length,
+                max_tokens=max_tokens,
+                batch_size=batch_size,
+                val_fraction=val_fraction,
+                val_path=val_path,
+                mask_prob=mask_prob,
+                val_max_sequences=val_max_sequences,
+                num_workers=num_workers,
+                packing=packing,
+                streaming=streaming,
+                cluster_map=cluster_map,
+                tokens_per_update=tokens_per_update,
             )
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be at least 1")
-        if not 0.0 < val_fraction < 1.0 and val_path is None:
-            raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 1), or pass data.val_path")
+        )
         self.train_path = Path(train_path) if train_path else Path(str(BUNDLED_FASTA))
         self.val_path = Path(val_path) if val_path else None
         self.val_fraction, self.max_length, self.batch_size = val_fraction, max_length, batch_size
         self.val_max_sequences = val_max_sequences
         self.max_tokens = max_tokens
-        self.tokens_per_update = tokens_per_update  # read by train() to derive gradient accumulation
         self.num_workers, self.mask_prob, self.seed = num_workers, mask_prob, seed
         self.cache_dir = Path(cache_dir)
         # Page-locked batches copy to a GPU asynchronously; on a CPU-only machine pinning only costs memory.

@@ -1,4 +1,4 @@
-"""Multi-GPU strategies built from plain config values, and the memory each needs per GPU."""
+"""Multi-GPU strategies built from plain config values, and the bytes per parameter that training keeps."""
 
 from pytorch_lightning.strategies import FSDPStrategy
 from transformers.models.esm.modeling_esm import EsmLayer
@@ -22,9 +22,3 @@ def fsdp_strategy(
         state_dict_type=state_dict_type,
         cpu_offload=cpu_offload,
     )
-
-
-def training_state_bytes_per_gpu(parameters: int, gpus: int, sharded: bool = True) -> dict[str, float]:
-    """Weights, gradients and Adam states per GPU: 16 * P / N bytes sharded (FSDP FULL_SHARD), 16 * P with DDP."""
-    share = parameters / gpus if sharded else parameters
-    return {name: size * share for name, size in BYTES_PER_PARAMETER.items()}

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from protein_mlm.data.loader import ResumableLoader
+
 PROGRESS = logging.getLogger("protein_mlm.progress")  # on the console only when no progress bar is drawn
 FILE_ONLY = logging.getLogger("protein_mlm.record")  # train.log only (e.g. the plan the console shows as a table)
 
@@ -80,11 +82,16 @@ class PlainProgress(pl.Callback):
         self.every_n_steps, self.every_seconds = max(1, every_n_steps), every_seconds
         self._seen_step = -1
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The loss to print: read at the same update on every rank (a time-based line, which only rank 0 decides
+        # on, prints the last loss read instead).
+        pl_module.window.subscribe(every_n_steps=self.every_n_steps)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         route_records()
         self._start = self._last_time = time.monotonic()
         self._start_step = self._seen_step = trainer.global_step
-        self._last_tokens = getattr(pl_module, "tokens_seen", 0)
+        self._last_tokens = pl_module.window.tokens_seen
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -92,29 +99,24 @@ class PlainProgress(pl.Callback):
             return  # inside an accumulation window
         self._seen_step = step
         by_step = step % self.every_n_steps == 0 or 0 < trainer.max_steps <= step
-        if by_step and hasattr(pl_module, "updates"):
-            # The loss to print: a host read at the same update on every rank (a time-based line, which only rank 0
-            # decides on, prints the last loss read instead)
-            pl_module.updates.flush()
         now = time.monotonic()
         if not trainer.is_global_zero or not (by_step or now - self._last_time >= self.every_seconds):
             return
         PROGRESS.info(self._line(trainer, pl_module, step, now))
-        self._last_time, self._last_tokens = now, getattr(pl_module, "tokens_seen", 0)
+        self._last_time, self._last_tokens = now, pl_module.window.tokens_seen
 
     def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, now: float) -> str:
         total = trainer.max_steps
         parts = [f"step {step}/{total}" if total > 0 else f"step {step}"]
-        latest = getattr(getattr(pl_module, "updates", None), "latest", None)
-        if latest is not None:  # read every trainer.log_every_n_steps updates (a host sync); not read again here
+        latest = pl_module.window.latest  # read when this line's update ended (a host sync); not read again here
+        if latest is not None:
             parts.append(f"loss {latest.loss:.4f}")
         if trainer.optimizers:
             parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3e}")
-        tokens = getattr(pl_module, "tokens_seen", 0) - self._last_tokens
+        tokens = pl_module.window.tokens_seen - self._last_tokens
         parts.append(f"{tokens / max(now - self._last_time, 1e-9):,.0f} tok/s")
-        epoch = getattr(trainer.train_dataloader, "epoch", None)
-        if epoch is not None:
-            parts.append(f"epoch {epoch}")
+        if isinstance(trainer.train_dataloader, ResumableLoader):  # a streamed run has no epoch count
+            parts.append(f"epoch {trainer.train_dataloader.epoch}")
         elapsed = now - self._start
         timing = f"{_duration(elapsed)} elapsed"
         done = step - self._start_step

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from protein_mlm.overrides import override_key, override_value
 from protein_mlm.reporting.tblog import read_scalars
 
-STATUS_FILE = "status.json"  # how a run ended, written by sweep.write_status
+STATUS_FILE = "status.json"  # how a run ended, written by write_status
 
 COLUMNS = [
     "job",  # the job dir: the values of the swept keys, e.g. scheduler.warmup_steps=1000
@@ -30,6 +30,13 @@ COLUMNS = [
     "message",
 ]
 ZERO_SHOT_PREFIX = "val/zero_shot/"  # callbacks.zero_shot's metrics: one column each, the last validation's value
+
+
+def write_status(run_dir: str | Path, status: str, **fields: Any) -> None:
+    """Record how a run ended (`running` until then; `completed`, `failed`, `diverged`, `preempted`) beside its logs."""
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / STATUS_FILE).write_text(json.dumps({"status": status, **fields}, indent=2, default=str))
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:

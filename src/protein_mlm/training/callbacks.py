@@ -15,7 +15,8 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from protein_mlm.errors import TrainingDiverged, UserError
+from protein_mlm.data.loader import ResumableLoader
+from protein_mlm.errors import TrainingDiverged
 from protein_mlm.reporting.console import stdout_is_terminal
 
 log = logging.getLogger(__name__)
@@ -81,17 +82,12 @@ class StepProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         if trainer.optimizers:
             metrics["lr"] = f"{trainer.optimizers[0].param_groups[0]['lr']:.2e}"
-        latest = getattr(getattr(pl_module, "updates", None), "latest", None)
-        if latest is not None:
-            metrics["loss"] = f"{latest.loss:.4f}"
+        if pl_module.window.latest is not None:
+            metrics["loss"] = f"{pl_module.window.latest.loss:.4f}"
         loader = trainer.train_dataloader
-        if hasattr(loader, "epoch"):
+        if isinstance(loader, ResumableLoader):  # a streamed run has no epoch count
             metrics["epoch"] = loader.epoch
         return metrics
-
-
-class Preempted(UserError):
-    """The run was stopped by SIGTERM (e.g. a preempted or timed-out cluster job) after saving a checkpoint."""
 
 
 def rewind_to_last_update(checkpoint: dict[str, Any], pending_micro_batches: int, val_check_batch: float) -> None:
@@ -152,7 +148,7 @@ class ResumeCheckpoint(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         stop = self._sigterm_on_any_rank(trainer)  # every rank calls this at the same micro-batch
-        at_boundary = getattr(pl_module, "_micro_batches", 0) == 0
+        at_boundary = pl_module.window.pending == 0
         due = trainer.global_step % self.every_n_train_steps == 0 or self._validated
         if stop or (at_boundary and due and trainer.global_step > self._saved_step):
             self.save(trainer, pl_module)
@@ -163,9 +159,8 @@ class ResumeCheckpoint(pl.Callback):
         self.save(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if hasattr(pl_module, "updates"):
-            pl_module.updates.flush()  # logged and judged before the guard's state is saved
-        self._pending = getattr(pl_module, "_micro_batches", 0)
+        pl_module.window.read()  # logged and judged before the guard's state is saved
+        self._pending = pl_module.window.pending
         trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes
         self._saved_step, self._validated = trainer.global_step, False
 
@@ -218,8 +213,7 @@ class DivergenceGuard(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        if hasattr(pl_module, "updates"):
-            pl_module.updates.subscribe(self.judge)
+        pl_module.window.subscribe(self.judge)
 
     def judge(self, records) -> None:
         """Check each update in order (UpdateRecords)."""

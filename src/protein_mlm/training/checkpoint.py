@@ -106,12 +106,18 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_pretrained_into(model: EsmForMaskedLM, directory: str | Path) -> bool:
-    """Copy the weights of a local Hugging Face ESM directory into `model` (the architectures must match); returns
-    whether its contact head was trained (a directory without this project's marker is ESM's own: trained)."""
+def check_init_from(directory: str | Path) -> Path:
+    """model.init_from must be a local Hugging Face model directory (its config.json at least)."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ConfigError(f"model.init_from={directory} holds no config.json; pass a local Hugging Face ESM directory")
+    return directory
+
+
+def load_pretrained_into(model: EsmForMaskedLM, directory: str | Path) -> bool:
+    """Copy the weights of a local Hugging Face ESM directory into `model` (the architectures must match); returns
+    whether its contact head was trained (a directory without this project's marker is ESM's own: trained)."""
+    directory = check_init_from(directory)
     pretrained = EsmForMaskedLM.from_pretrained(directory, local_files_only=True)
     differing = [
         f"{field}: {getattr(pretrained.config, field)} there, {getattr(model.config, field)} here"

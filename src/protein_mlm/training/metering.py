@@ -22,8 +22,7 @@ class ThroughputMeter(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer, self._module = trainer, pl_module
-        if hasattr(pl_module, "updates"):
-            pl_module.updates.subscribe(self.measure)
+        pl_module.window.subscribe(self.measure)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._since = time.perf_counter()

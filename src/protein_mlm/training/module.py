@@ -10,14 +10,14 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
-from protein_mlm.data.loader import POSITION_KEY
-from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
+from protein_mlm.data.loader import POSITION_KEY, ResumableLoader
+from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX
 from protein_mlm.errors import TrainingDiverged
 from protein_mlm.model.esm import build_model
 from protein_mlm.model.packed import packed_logits
 from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, CONTACT_HEAD_KEY, FORMAT_KEY, load_pretrained_into
 from protein_mlm.training.schedules import lambda_scheduler
-from protein_mlm.training.updates import UpdateLog, UpdateRecord
+from protein_mlm.training.updates import UpdateRecord, UpdateWindow
 
 
 def parameter_groups(model: torch.nn.Module, no_decay_bias_and_norm: bool) -> list[dict[str, Any]]:
@@ -51,10 +51,12 @@ class MaskedLMModule(pl.LightningModule):
         compile: bool = False,
         static_shapes: bool = False,
         fast_layers: bool = False,
+        inject_nan_at_step: int | None = None,
     ):
         super().__init__()
         # Only plain containers go into the checkpoint, so it loads with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["optimizer", "schedule"])
+        self.save_hyperparameters(ignore=["optimizer", "schedule", "inject_nan_at_step"])
+        self.inject_nan_at_step = inject_nan_at_step  # faults.inject_nan_at_step: make this update NaN (tests)
         self.model = build_model(
             architecture, activation_checkpointing=activation_checkpointing, fast_layers=fast_layers
         )
@@ -70,19 +72,9 @@ class MaskedLMModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.schedule = schedule
         self.val_loss_sum, self.val_targets, self.val_correct = SumMetric(), SumMetric(), SumMetric()
-        self.tokens_seen = 0  # real (non-pad) tokens trained on, kept across resumes
-        self.updates = UpdateLog()  # finished updates, read to the host once per logging interval
-        self.updates.subscribe(self._log_updates)
-        self._open_window()
+        self.window = UpdateWindow()  # the open update and the finished ones, read once per logging interval
+        self.window.subscribe(self._log_updates)
         self._clip_norm: torch.Tensor | None = None  # this update's gradient norm, for clipping
-
-    def _open_window(self) -> None:
-        """Start a new accumulation window: device totals, host counts, the latest batch's data position."""
-        self._loss_sum: torch.Tensor | float = 0.0
-        self._targets: torch.Tensor | int = 0
-        self._counts = BatchCounts(0, 0, 0)
-        self._micro_batches = 0  # micro-batches of the current update so far
-        self._window_position: tuple[int, int] | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, vocab)
@@ -107,17 +99,12 @@ class MaskedLMModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Returns the summed token loss; `on_after_backward` turns the update's gradient into a token mean."""
         loss_sum, n_targets, _ = self._masked_lm(batch)
-        # Device tensors until the update's numbers are read, once per logging interval (never per step).
-        self._loss_sum = self._loss_sum + loss_sum.detach()
-        self._targets = self._targets + n_targets
-        self._counts = BatchCounts(*map(sum, zip(self._counts, batch[COUNTS_KEY], strict=True)))
-        self._micro_batches += 1
-        self._window_position = batch.get(POSITION_KEY)
+        self.window.add(loss_sum, n_targets, batch[COUNTS_KEY], batch.get(POSITION_KEY))
         return loss_sum
 
     def _ends_update(self) -> bool:
         """True on the micro-batch whose backward completes an optimizer update (Lightning then steps)."""
-        if self._micro_batches >= self.trainer.accumulate_grad_batches:
+        if self.window.pending >= self.trainer.accumulate_grad_batches:
             return True
         return self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # a finite epoch's last, partial window
 
@@ -126,7 +113,9 @@ class MaskedLMModule(pl.LightningModule):
         all micro-batches and ranks (fairseq's and so ESM's objective), before anything reads or clips it."""
         if not self._ends_update():
             return
-        loss_sum, targets = self._loss_sum, self._targets
+        loss_sum, targets = self.window.totals()
+        if self.trainer.global_step == self.inject_nan_at_step:
+            loss_sum = self._make_nan(loss_sum)
         world = self.trainer.world_size
         if world > 1:  # one collective for both totals; DDP has already averaged the gradients over ranks
             totals = self.trainer.strategy.reduce(torch.stack([loss_sum, targets.to(loss_sum)]), reduce_op="sum")
@@ -138,12 +127,17 @@ class MaskedLMModule(pl.LightningModule):
         torch._foreach_mul_(grads, scale.to(grads[0]))
         loss, self._clip_norm = loss_sum / targets.clamp(min=1), self._gradient_norm(grads)
         self._skip_if_not_finite(loss, self._clip_norm)
-        self.tokens_seen += self._counts.tokens
-        self.updates.add(self.trainer.global_step, loss, self._clip_norm, self._counts, self.tokens_seen)
+        position = self.window.end(self.trainer.global_step, loss, self._clip_norm)
         loader = self.trainer.train_dataloader
-        if self._window_position is not None and hasattr(loader, "commit"):
-            loader.commit(self._window_position)  # a checkpoint from now on resumes after this update's batches
-        self._open_window()
+        if position is not None and isinstance(loader, ResumableLoader):
+            loader.commit(position)  # a checkpoint from now on resumes after this update's batches
+
+    def _make_nan(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """`faults.inject_nan_at_step`: this update's gradients and loss become NaN, to exercise the skip and guard."""
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.fill_(float("nan"))
+        return loss_sum * float("nan")
 
     def _skip_if_not_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
         """Keep a non-finite update out of the weights, without a host read where the optimizer allows it.
@@ -171,18 +165,21 @@ class MaskedLMModule(pl.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return norm / scaler.get_scale() if scaler is not None else norm
 
+    def on_train_start(self) -> None:
+        self.window.subscribe(every_n_steps=self.trainer.log_every_n_steps)  # the loggers' interval
+        self.window.last_step = max(self.trainer.max_steps, 0)
+
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        """Read the finished updates every `trainer.log_every_n_steps` updates and at the last one: at the same
-        update on every rank (the guard raises on all of them alike), before any callback's batch-end hook."""
-        done = self.trainer.global_step + 1
-        if done % self.trainer.log_every_n_steps == 0 or 0 < self.trainer.max_steps <= done:
-            self.updates.flush()
+        """Read the finished updates when the window says an update is due: at the same update on every rank (the
+        guard raises on all of them alike), before any callback's batch-end hook."""
+        if self.window.due(self.trainer.global_step + 1):
+            self.window.read()
 
     def on_validation_start(self) -> None:
-        self.updates.flush()  # the training numbers before the validation's
+        self.window.read()  # the training numbers before the validation's
 
     def on_train_end(self) -> None:
-        self.updates.flush()
+        self.window.read()
 
     def _log_updates(self, records: list[UpdateRecord]) -> None:
         """Every update at its own step, as the LR monitor logs its LR."""
@@ -257,9 +254,9 @@ class MaskedLMModule(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["tokens_seen"] = self.tokens_seen  # counted at updates only, like the data position
+        checkpoint["tokens_seen"] = self.window.tokens_seen  # counted at updates only, like the data position
         checkpoint[FORMAT_KEY] = CHECKPOINT_FORMAT
         checkpoint[CONTACT_HEAD_KEY] = self.contact_head_trained  # provenance for inference (contacts or not)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self.window.tokens_seen = checkpoint.get("tokens_seen", 0)

@@ -1,4 +1,9 @@
-"""Per-update training numbers, kept on the device as they are made and read to the host in one transfer.
+"""The update window: the one owner of "an optimizer update ended".
+
+It holds the open update (its micro-batches so far, their device totals, host counts and data position), keeps
+each finished update's loss and gradient norm on the device, and reads them to the host in one transfer when a
+subscriber's interval or the last step asks for it (or before a validation, a checkpoint and the end of training),
+then tells the subscribers, in order.
 
 On a GPU every read of a device value into Python (`float(t)`, `.item()`) waits for the device to finish all
 queued work. A step that reads its loss stalls the host once per step; reading a whole logging interval's
@@ -9,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from protein_mlm.data.masking import BatchCounts
 
 
 @dataclass(frozen=True)
@@ -27,26 +34,62 @@ class UpdateRecord:
 Listener = Callable[[list[UpdateRecord]], None]
 
 
-class UpdateLog:
-    """Buffers updates whose loss and norm are still device tensors; `flush` reads them all with one transfer."""
+class UpdateWindow:
+    """The open update and the finished ones not yet read; `subscribe` to be told of them, `read` to read now."""
 
     def __init__(self):
-        self._device: list[torch.Tensor] = []  # (loss, grad_norm) per pending update
-        self._host: list[tuple[int, int, int, int, int]] = []
-        self.listeners: list[Listener] = []
+        self.tokens_seen = 0  # real (non-pad) tokens trained on, kept across resumes (the module's checkpoints)
         self.latest: UpdateRecord | None = None  # the newest update read so far
+        self.last_step = 0  # trainer.max_steps (0: none): its update is always read
+        self._listeners: list[Listener] = []
+        self._intervals: set[int] = set()  # read at the end of every n-th update, for each n
+        self._device: list[torch.Tensor] = []  # (loss, grad_norm) per finished, unread update
+        self._host: list[tuple[int, int, int, int, int]] = []
+        self._open()
 
-    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, counts, tokens_seen: int) -> None:
-        """Queue one update; `counts` is the update's BatchCounts summed over its micro-batches."""
+    def _open(self) -> None:
+        self.pending = 0  # micro-batches of the open update so far; 0 at an update boundary
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._targets: torch.Tensor | int = 0
+        self._counts = BatchCounts(0, 0, 0)
+        self._position: tuple[int, int] | None = None
+
+    def add(self, loss_sum: torch.Tensor, targets: torch.Tensor, counts: BatchCounts, position) -> None:
+        """One micro-batch: its summed loss and target count (device tensors, never read here), its host counts
+        and its data position (None for a streamed batch)."""
+        self._loss_sum = self._loss_sum + loss_sum.detach()
+        self._targets = self._targets + targets
+        self._counts = BatchCounts(*map(sum, zip(self._counts, counts, strict=True)))
+        self.pending += 1
+        self._position = position
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The open update's summed token loss and target count, on the device."""
+        return self._loss_sum, self._targets
+
+    def end(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[int, int] | None:
+        """The open update ended as optimizer step `step`: queue it and open the next; returns the data position of
+        its last batch (where a resume continues from)."""
+        self.tokens_seen += self._counts.tokens
+        counts, position = self._counts, self._position
         self._device.append(torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)]))
-        self._host.append((step, counts.tokens, counts.padded, counts.squared_lengths, tokens_seen))
+        self._host.append((step, counts.tokens, counts.padded, counts.squared_lengths, self.tokens_seen))
+        self._open()
+        return position
 
-    def subscribe(self, listener: Listener) -> None:
-        if listener not in self.listeners:
-            self.listeners.append(listener)
+    def subscribe(self, listener: Listener | None = None, every_n_steps: int | None = None) -> None:
+        """Be told of every update when it is read; `every_n_steps`: also have them read every n-th update."""
+        if listener is not None and listener not in self._listeners:
+            self._listeners.append(listener)
+        if every_n_steps:
+            self._intervals.add(every_n_steps)
 
-    def flush(self) -> list[UpdateRecord]:
-        """Read every pending update (one host transfer) and hand the records to the listeners, in order."""
+    def due(self, done: int) -> bool:
+        """Whether the update that makes `done` updates is read at its end: a subscriber's interval, or the last."""
+        return any(done % n == 0 for n in self._intervals) or 0 < self.last_step <= done
+
+    def read(self) -> list[UpdateRecord]:
+        """Read every finished update (one host transfer) and tell the subscribers, in order."""
         if not self._host:
             return []
         values = torch.stack(self._device).tolist()  # the one host sync
@@ -56,6 +99,6 @@ class UpdateLog:
         ]
         self._device, self._host = [], []
         self.latest = records[-1]
-        for listener in self.listeners:
+        for listener in self._listeners:
             listener(records)
         return records

@@ -32,7 +32,7 @@ class Interrupt(pl.Callback):
             os.kill(os.getpid(), self.signal)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        pending = getattr(pl_module, "_micro_batches", 0)
+        pending = pl_module.window.pending
         if not self.in_validation and trainer.global_step == self.at_step and pending == self.micro_batch:
             self._send()
 
@@ -77,7 +77,7 @@ class BatchRecorder(pl.Callback):
         record = {
             "rank": trainer.global_rank,
             "step": trainer.global_step,
-            "micro": getattr(pl_module, "_micro_batches", 0),
+            "micro": pl_module.window.pending,
             "position": list(batch.get(POSITION_KEY, ())),
             "digest": batch_digest(batch),
         }
@@ -85,18 +85,3 @@ class BatchRecorder(pl.Callback):
         path = self.path if trainer.world_size == 1 else self.path.with_suffix(f".rank{trainer.global_rank}.jsonl")
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-class NanGradients(pl.Callback):
-    """Make update `at_step` diverge: its loss and gradients become NaN (`faults.inject_nan_at_step`)."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step != self.at_step:
-            return
-        for parameter in pl_module.parameters():
-            if parameter.grad is not None:
-                parameter.grad.fill_(float("nan"))
-        pl_module._loss_sum = pl_module._loss_sum * float("nan")  # read by the module after this hook
