@@ -1,5 +1,6 @@
 """Every option of every config group composes, and what it describes instantiates."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -131,11 +132,18 @@ def test_the_cli_checks_a_run_once_and_hands_its_plan_to_train(tmp_path, monkeyp
     monkeypatch.setattr(
         sys, "argv", ["train.py", "model=tiny", "trainer.max_steps=7", f"hydra.run.dir={tmp_path}/run", *quiet_hydra]
     )
-    cli.run(
-        "train",
-        lambda cfg, plan: handed.append(plan) or {},
-        lambda cfg: plans.append(preflight.check_config(cfg)) or plans[-1],
-    )
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    disabled, root_level = [lg.disabled for lg in loggers], logging.root.level
+    try:
+        cli.run(
+            "train",
+            lambda cfg, plan: handed.append(plan) or {},
+            lambda cfg: plans.append(preflight.check_config(cfg)) or plans[-1],
+        )
+    finally:  # Hydra's logging config disables every existing logger: later tests read theirs (caplog)
+        for logger, was_disabled in zip(loggers, disabled):
+            logger.disabled = was_disabled
+        logging.root.setLevel(root_level)
     assert len(plans) == 1 and handed == plans
     assert plans[0].max_steps == 7 and plans[0].parameters > 0
 
