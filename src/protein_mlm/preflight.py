@@ -2,14 +2,17 @@
 in its one-line error, and the resolved `RunPlan` (plan.py) that the run then reads."""
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from protein_mlm.data.fasta import has_residue_line
 from protein_mlm.data.packing import check_packing_options
 from protein_mlm.data.streaming import check_streaming_options
-from protein_mlm.errors import ConfigError
+from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.model import memory
 from protein_mlm.model.esm import build_model, count_parameters
 from protein_mlm.plan import RunPlan, num_devices, resolve, uses_gpu
@@ -17,7 +20,16 @@ from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, load_
 
 log = logging.getLogger(__name__)
 
-# The value rules of a run, in one table: key, type (None: may be null), the requirement, an example.
+BETAS = "optimizer.betas=[0.9,0.98]"
+
+
+def _unit(value: Any) -> bool:
+    """A number (not a bool) in [0, 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
+
+
+# The value rules of a run, in one table: key, type (None: may be null; list: a list whose shape the requirement
+# checks), the requirement, an example. A key the config does not have (e.g. SGD's momentum under AdamW) is skipped.
 VALUE_RULES: tuple[tuple[str, tuple, Any, str, str], ...] = (
     ("optimizer.lr", (float,), lambda v: v > 0, "> 0 (the peak LR)", "optimizer.lr=4e-4"),
     ("trainer.max_steps", (int,), lambda v: v > 0, "> 0 (optimizer updates)", "trainer.max_steps=1000"),
@@ -32,6 +44,20 @@ VALUE_RULES: tuple[tuple[str, tuple, Any, str, str], ...] = (
     ("data.val_fraction", (float,), lambda v: 0 <= v < 1, "in [0, 1)", "data.val_fraction=0.03"),
     ("data.mask_prob", (float,), lambda v: 0 < v < 1, "in (0, 1)", "data.mask_prob=0.15"),
     ("data.num_workers", (int,), lambda v: v >= 0, ">= 0 or auto", "data.num_workers=2"),
+    ("data.shuffle_buffer", (int,), lambda v: v >= 1, ">= 1", "data.shuffle_buffer=10000"),
+    ("data.tokens_per_update", (int, None), lambda v: v >= 1, ">= 1 or null", "data.tokens_per_update=2097152"),
+    ("optimizer.betas", (list,), lambda v: len(v) == 2 and all(_unit(b) for b in v), "two numbers in [0, 1)", BETAS),
+    ("optimizer.eps", (float,), lambda v: v > 0, "> 0", "optimizer.eps=1e-8"),
+    ("optimizer.weight_decay", (float,), lambda v: v >= 0, ">= 0", "optimizer.weight_decay=0.01"),
+    ("optimizer.momentum", (float,), lambda v: 0 <= v < 1, "in [0, 1)", "optimizer.momentum=0.9"),
+    ("scheduler.warmup_init_lr", (float,), lambda v: v >= 0, ">= 0", "scheduler.warmup_init_lr=0.0"),
+    ("scheduler.final_lr_ratio", (float,), lambda v: 0 <= v <= 1, "in [0, 1]", "scheduler.final_lr_ratio=0.1"),
+    ("scheduler.decay_end_fraction", (float,), lambda v: 0 < v <= 1, "in (0, 1]", "scheduler.decay_end_fraction=0.9"),
+    ("scheduler.power", (float,), lambda v: v > 0, "> 0", "scheduler.power=1.0"),
+    ("scheduler.timescale", (int, None), lambda v: v >= 1, ">= 1 or null", "scheduler.timescale=10000"),
+    ("trainer.num_nodes", (int,), lambda v: v >= 1, ">= 1 (machines)", "trainer.num_nodes=2"),
+    ("trainer.log_every_n_steps", (int,), lambda v: v >= 1, ">= 1 (updates)", "trainer.log_every_n_steps=10"),
+    ("trainer.num_sanity_val_steps", (int,), lambda v: v >= -1, ">= -1 (-1: all)", "trainer.num_sanity_val_steps=2"),
 )
 AUTO_ALLOWED = {"data.num_workers"}  # keys whose value may also be `auto` (resolved in plan.py)
 
@@ -39,6 +65,8 @@ AUTO_ALLOWED = {"data.num_workers"}  # keys whose value may also be `auto` (reso
 def _type_ok(value: Any, types: tuple) -> bool:
     if value is None:
         return None in types
+    if list in types:
+        return OmegaConf.is_list(value) or isinstance(value, list | tuple)
     if isinstance(value, bool):
         return False
     return (float in types and isinstance(value, int | float)) or (int in types and isinstance(value, int))
@@ -55,6 +83,7 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not {'an' if kind[0] == 'i' else 'a'} {kind}; e.g. {example}")
         if value is not None and not valid(value):
             raise ConfigError(f"{key}={value} must be {requirement}; e.g. {example}")
+    check_devices(cfg.trainer)
     if cfg.model.get("compile", False) not in (True, False, "auto"):
         raise ConfigError(f"model.compile={cfg.model.compile!r} must be true, false or auto; e.g. model.compile=auto")
     if cfg.data.get("packing", False) not in (True, False, "auto"):
@@ -74,6 +103,30 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.max_length={data.max_length} exceeds what model={cfg.model.name}'s learned positions cover "
             f"({arch.max_position_embeddings - 2} tokens); use data.max_length={arch.max_position_embeddings - 2}"
+        )
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """trainer.devices: a count, a list of device ids, or auto / -1; no more processes than this machine can serve.
+
+    Counted without creating a CUDA context (`device_count` does not): on a machine without GPUs (a SLURM login
+    node submitting a job) the GPU count is left to the job's own check.
+    """
+    devices = trainer.get("devices", 1)
+    example = "e.g. trainer.devices=2, trainer.devices=[0,1] or trainer.devices=auto"
+    is_ids = OmegaConf.is_list(devices) and all(isinstance(d, int) and not isinstance(d, bool) for d in devices)
+    is_count = isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)
+    if not (is_ids or is_count or devices == "auto" or (isinstance(devices, str) and devices.isdigit())):
+        raise ConfigError(f"trainer.devices={devices!r} is not a device count, a list of ids or auto; {example}")
+    wanted = num_devices(trainer)
+    if uses_gpu(trainer.get("accelerator", "auto")):
+        have, what = (torch.cuda.device_count(), "GPUs") if torch.cuda.is_available() else (wanted, "")
+    else:
+        have, what = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, "cores"
+    if wanted > have:
+        raise ConfigError(
+            f"trainer.devices={devices} asks for {wanted} processes on this machine, which has {have} {what}; "
+            f"use trainer.devices={have} (and trainer.num_nodes for more machines)"
         )
 
 
@@ -162,6 +215,8 @@ def _check(cfg: DictConfig) -> RunPlan:
             )
         if path and not Path(path).is_file() and not streamed_dir:
             raise ConfigError(f"data.{key}={path} does not exist; pass the path of a FASTA file (.fasta or .fasta.gz)")
+        if path and not streamed_dir and not has_residue_line(path):  # found here, before a run dir is made
+            raise DataError(f"{path} holds no sequence (only headers?); pass a FASTA with sequences")
     strategy = cfg.trainer.get("strategy")
     if "fsdp" in str(strategy).lower() and cfg.trainer.accelerator == "cpu":  # (a SLURM login node has no GPU)
         raise ConfigError(
