@@ -15,6 +15,7 @@ from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
 from protein_mlm.errors import TrainingDiverged
 from protein_mlm.model.esm import build_model
 from protein_mlm.model.packed import packed_logits
+from protein_mlm.training.agreement import UpdateAgreement
 from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, CONTACT_HEAD_KEY, FORMAT_KEY, load_pretrained_into
 from protein_mlm.training.schedules import lambda_scheduler
 from protein_mlm.training.updates import UpdateLog, UpdateRecord
@@ -75,6 +76,8 @@ class MaskedLMModule(pl.LightningModule):
         self.updates.subscribe(self._log_updates)
         self._open_window()
         self._clip_norm: torch.Tensor | None = None  # this update's gradient norm, for clipping
+        self.agreement = UpdateAgreement()  # under DDP: each update's totals and stop votes, in one collective
+        self.stop_requested = False  # this rank got a SIGTERM (set by callbacks.ResumeCheckpoint)
 
     def _open_window(self) -> None:
         """Start a new accumulation window: device totals, host counts, the latest batch's data position."""
@@ -113,6 +116,9 @@ class MaskedLMModule(pl.LightningModule):
         self._counts = BatchCounts(*map(sum, zip(self._counts, batch[COUNTS_KEY], strict=True)))
         self._micro_batches += 1
         self._window_position = batch.get(POSITION_KEY)
+        if self.trainer.world_size > 1 and self._ends_update():
+            # Both totals are known before the backward: their one all-reduce runs while it does.
+            self._totals = self.agreement.start(self._loss_sum, self._targets, self.stop_requested)
         return loss_sum
 
     def _ends_update(self) -> bool:
@@ -128,9 +134,8 @@ class MaskedLMModule(pl.LightningModule):
             return
         loss_sum, targets = self._loss_sum, self._targets
         world = self.trainer.world_size
-        if world > 1:  # one collective for both totals; DDP has already averaged the gradients over ranks
-            totals = self.trainer.strategy.reduce(torch.stack([loss_sum, targets.to(loss_sum)]), reduce_op="sum")
-            loss_sum, targets = totals[0], totals[1]
+        if world > 1:  # the rescale needs the totals of all ranks: wait for training_step's all-reduce here
+            loss_sum, targets = self.agreement.finish(self._totals, self.trainer.global_step)
         # Lightning divided each micro-batch's loss by accumulate_grad_batches (also in a partial window), and
         # DDP divides by the world size: undo both and divide by the update's target count instead.
         scale = self.trainer.accumulate_grad_batches * world / targets.clamp(min=1)
