@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from protein_mlm.errors import STORAGE_ERRORS, ConfigError, UserError, fail
+from protein_mlm.launch import distributed_rank
 from protein_mlm.overrides import nearest_key, override_key
 from protein_mlm.sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation, write_status
 
@@ -162,14 +163,6 @@ def check_saved_overrides(config_name: str, argv: list[str]) -> None:
         raise ConfigError(
             f"resume={run_dir}: an override saved in {run_dir}/.hydra/overrides.yaml no longer fits this version: {e}"
         ) from None
-
-
-def distributed_rank() -> int:
-    """This process's rank as the launcher set it (as Lightning reads it); 0 when not launched distributed."""
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
 
 
 def check_sweep(config_name: str, overrides: list[str], check) -> None:
