@@ -29,3 +29,21 @@ def distributed_rank() -> int:
 def local_device() -> int:
     """The GPU index this process trains on (Lightning's DDP gives local rank r the r-th device)."""
     return _first_int(LOCAL_RANK_KEYS) or 0
+
+
+def multi_node() -> bool:
+    """Launched on several machines: torchrun (WORLD_SIZE beyond this node's processes) or SLURM (srun)."""
+    world, local = os.environ.get("WORLD_SIZE", ""), os.environ.get("LOCAL_WORLD_SIZE", "")
+    if world.isdigit() and local.isdigit() and int(world) > int(local):
+        return True
+    if (_first_int(("NODE_RANK", "GROUP_RANK")) or 0) > 0:  # a later node of Lightning's own launcher
+        return True
+    return (_first_int(("SLURM_NNODES",)) or 1) > 1
+
+
+def shared_run_id() -> str | None:
+    """An id every node of this launch sees alike (SLURM's job id, torchrun's --rdzv-id), or None."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return None if run_id in ("", "none") else f"torchrun-{run_id}"
