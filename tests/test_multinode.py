@@ -16,7 +16,7 @@ from protein_mlm.plan import build_schedule
 from protein_mlm.preflight import check_config
 from protein_mlm.reporting.lr_plan import planned_lrs
 from protein_mlm.reporting.tblog import read_scalars
-from tests.conftest import ROOT, TINY, compose_config
+from tests.conftest import ROOT, TINY, compose_config, run_cli
 
 
 def refuse(*args, **kwargs):
@@ -129,12 +129,12 @@ def test_two_torchrun_nodes_train_resume_exactly_and_write_one_run_dir(tmp_path,
 
 
 def test_a_multi_node_launch_without_a_shared_run_dir_is_one_line(tmp_path, monkeypatch):
-    """torchrun on two nodes without --rdzv-id: each node would resolve ${now} to a dir of its own."""
+    """torchrun without --rdzv-id or hydra.run.dir: each process would resolve ${now} to a dir of its own."""
     monkeypatch.chdir(tmp_path)
     env = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "RANK": "1", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "none"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(ConfigError, match="multi-node launch needs one run dir"):
+    with pytest.raises(ConfigError, match="need one run dir for all of them"):
         prepare_argv("train", ["model=tiny"], check_config)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
     argv = prepare_argv("train", ["model=tiny"], check_config)
@@ -150,3 +150,27 @@ def test_rank_zero_accepts_a_run_dir_holding_only_other_ranks_logs(tmp_path):
     (run_dir / "checkpoints").mkdir()
     with pytest.raises(ConfigError, match="already holds files"):
         make_run_dir(str(run_dir), explicit=True)
+
+
+@pytest.mark.slow
+def test_a_sigterm_stops_all_ddp_ranks_at_one_update_and_the_run_resumes(tmp_path, cache_dir):
+    """2 gloo processes, each sent SIGTERM at the start of update 3: the votes travel with update 3's all-reduce and
+    both ranks stop at the boundary two updates on, after saving last.ckpt there; `resume=` then finishes the run."""
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("trainer.accelerator")]
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "num_threads=1"]
+    interrupt = [
+        "+callbacks.interrupt._target_=protein_mlm.training.debug.callbacks.Interrupt",
+        "+callbacks.interrupt.at_step=3",
+        "+callbacks.interrupt.signal_name=TERM",
+    ]
+    result = run_cli(
+        *overrides, *ddp, *interrupt, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "stopped by SIGTERM after step 5" in result.stderr.strip().splitlines()[-1]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["global_step"] == 5
+    result = run_cli(f"resume={run_dir}", "callbacks.interrupt=null", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(dict(read_scalars(run_dir)["train/loss"])) == list(range(12))

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from protein_mlm.errors import STORAGE_ERRORS, ConfigError, UserError, fail
-from protein_mlm.launch import distributed_rank, multi_node, shared_run_id
+from protein_mlm.launch import distributed_rank, launched_together, shared_run_id
 from protein_mlm.overrides import nearest_key, override_key
 from protein_mlm.sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation, write_status
 
@@ -229,15 +229,15 @@ def prepare_argv(config_name: str, argv: list[str], check) -> list[str]:
 
 
 def shared_run_dir(config_name: str, argv: list[str]) -> list[str]:
-    """On several nodes every process must name the same run dir: a default one resolves `${now}` on each node, so
-    it comes from the launcher's job id (SLURM, torchrun --rdzv-id) or must be given."""
-    if not multi_node() or any(override_key(a) in ("hydra.run.dir", "resume") for a in argv):
+    """Processes started by torchrun or srun must all name the same run dir: a default one resolves `${now}` in
+    each process (on each node), so it comes from the launcher's job id (SLURM, torchrun --rdzv-id) or is given."""
+    if not launched_together() or any(override_key(a) in ("hydra.run.dir", "resume") for a in argv):
         return argv
     run_id = shared_run_id()
     if run_id is None:
         raise ConfigError(
-            "a multi-node launch needs one run dir for all nodes: pass hydra.run.dir=<a dir on the shared "
-            "filesystem> (or torchrun --rdzv-id=<id>, which names it)"
+            "processes started by torchrun need one run dir for all of them (and all nodes): pass hydra.run.dir=<a "
+            "dir on the shared filesystem> (or torchrun --rdzv-id=<id>, which names it)"
         )
     return [*argv, f"hydra.run.dir={compose_checked(config_name, argv).paths.log_dir}/{run_id}"]
 

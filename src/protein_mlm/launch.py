@@ -31,14 +31,14 @@ def local_device() -> int:
     return _first_int(LOCAL_RANK_KEYS) or 0
 
 
-def multi_node() -> bool:
-    """Launched on several machines: torchrun (WORLD_SIZE beyond this node's processes) or SLURM (srun)."""
-    world, local = os.environ.get("WORLD_SIZE", ""), os.environ.get("LOCAL_WORLD_SIZE", "")
-    if world.isdigit() and local.isdigit() and int(world) > int(local):
+def launched_together() -> bool:
+    """One of several processes that each run train.py themselves: torchrun's, srun's (one task per device), or a
+    later node of Lightning's own launcher. Lightning's children on one node get rank 0's run dir instead."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and (_first_int(("WORLD_SIZE",)) or 1) > 1:
         return True
-    if (_first_int(("NODE_RANK", "GROUP_RANK")) or 0) > 0:  # a later node of Lightning's own launcher
+    if (_first_int(("SLURM_STEP_NUM_TASKS",)) or 1) > 1:  # srun sets it for its step, not salloc's shell
         return True
-    return (_first_int(("SLURM_NNODES",)) or 1) > 1
+    return (_first_int(("NODE_RANK", "GROUP_RANK")) or 0) > 0
 
 
 def shared_run_id() -> str | None:

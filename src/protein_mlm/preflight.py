@@ -84,7 +84,6 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not {'an' if kind[0] == 'i' else 'a'} {kind}; e.g. {example}")
         if value is not None and not valid(value):
             raise ConfigError(f"{key}={value} must be {requirement}; e.g. {example}")
-    check_devices(cfg.trainer)
     if cfg.model.get("compile", False) not in (True, False, "auto"):
         raise ConfigError(f"model.compile={cfg.model.compile!r} must be true, false or auto; e.g. model.compile=auto")
     if cfg.data.get("packing", False) not in (True, False, "auto"):
@@ -241,6 +240,7 @@ def _check(cfg: DictConfig) -> RunPlan:
             "a fused optimizer unscales fp16 gradients inside its step, so they cannot be clipped before it; "
             "set optimizer.fused=false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
         )
+    check_devices(cfg.trainer)  # after the specific errors about devices (e.g. FSDP on CPUs)
     if not cfg.get("plan_only"):  # last: a specific error first; a plan (e.g. on a login node) trains nothing
         check_memory(cfg)
     if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:

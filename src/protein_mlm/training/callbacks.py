@@ -146,7 +146,7 @@ class ResumeCheckpoint(pl.Callback):
                 launcher = trainer.strategy.launcher
                 if not self.sigterm and launcher is not None:
                     launcher.kill(signum)  # forward it to the DDP children this process started, as Lightning does
-                self.sigterm = True
+                self.sigterm = pl_module.stop_requested = True  # the module votes with its next update's totals
 
             signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -183,7 +183,6 @@ class ResumeCheckpoint(pl.Callback):
         update's all-reduce (training.agreement) and all ranks stop at the same update boundary, a few updates on."""
         if trainer.world_size == 1 or not hasattr(pl_module, "agreement"):
             return self.sigterm
-        pl_module.stop_requested = self.sigterm
         return at_boundary and pl_module.agreement.stop_agreed(trainer.global_step)
 
 
