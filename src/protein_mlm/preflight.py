@@ -13,7 +13,7 @@ from protein_mlm.data.fasta import has_residue_line
 from protein_mlm.data.packing import check_packing_options
 from protein_mlm.data.streaming import check_streaming_options
 from protein_mlm.errors import ConfigError, DataError
-from protein_mlm.launch import distributed_rank, local_device
+from protein_mlm.launch import distributed_rank
 from protein_mlm.model import memory
 from protein_mlm.model.esm import build_model, count_parameters
 from protein_mlm.plan import RunPlan, num_devices, resolve, uses_gpu
@@ -138,7 +138,7 @@ def check_memory(cfg: DictConfig) -> None:
     on_gpu = uses_gpu(cfg.trainer.accelerator)
     if on_gpu and distributed_rank() > 0:
         return  # rank 0 checked its GPU (reading it makes a context; here the rank has not chosen its GPU yet)
-    available = memory.available_bytes(on_gpu, local_device())
+    available = memory.available_bytes(on_gpu)  # rank 0: local rank 0, GPU 0
     if available is None:
         return
     parameters = count_parameters(build_model(OmegaConf.to_container(arch, resolve=True), device="meta"))
