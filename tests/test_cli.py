@@ -54,9 +54,21 @@ def assert_user_error(result, *fragments):
         (["data.train_path=missing.fasta"], ["missing.fasta", "does not exist"]),
         (["ckpt_path=nope.ckpt"], ["nope.ckpt", "does not exist"]),
         (["scheduler=linear", "scheduler.warmup_steps=50", "trainer.max_steps=10"], ["warmup_steps=50"]),
+        (["data.train_path=headers_only.fasta"], ["headers_only.fasta holds no sequence"]),
+        (["optimizer.betas=[0.9]"], ["optimizer.betas=[0.9] must be two numbers in [0, 1)"]),
+        (["optimizer.betas=0.9"], ["optimizer.betas=0.9 is not a list", "optimizer.betas=[0.9,0.98]"]),
+        (["optimizer.betas=[0.9,abc]"], ["optimizer.betas=[0.9, 'abc'] must be two numbers"]),
+        (["optimizer.weight_decay=-0.1"], ["optimizer.weight_decay=-0.1 must be >= 0"]),
+        (["optimizer=sgd", "optimizer.momentum=1.5"], ["optimizer.momentum=1.5 must be in [0, 1)"]),
+        (["scheduler=linear", "scheduler.final_lr_ratio=2"], ["scheduler.final_lr_ratio=2 must be in [0, 1]"]),
+        (["trainer=ddp", "trainer.num_nodes=0"], ["trainer.num_nodes=0 must be >= 1"]),
+        (["trainer.accelerator=cpu", "trainer.devices=64"], ["trainer.devices=64 asks for 64 processes"]),
+        (["trainer.devices=two"], ["trainer.devices='two' is not a device count"]),
+        (["data.shuffle_buffer=0"], ["data.shuffle_buffer=0 must be >= 1"]),
     ],
 )
 def test_bad_config_is_rejected_before_anything_runs(tmp_path, monkeypatch, capsys, overrides, fragments):
+    (tmp_path / "headers_only.fasta").write_text(">a\n>b description\n\n>c\n")  # records without residues
     earlier = tmp_path / "outputs" / "2020-01-01" / "00-00-00"
     (earlier / "checkpoints").mkdir(parents=True)
     (earlier / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")

@@ -1,5 +1,6 @@
 """Scaling: chunked preprocessing equals the in-memory one, rank-sharded samplers, streaming FASTA, DDP, FSDP."""
 
+import functools
 import gzip
 import json
 import os
@@ -249,17 +250,36 @@ def test_streaming_yields_every_record_once_per_epoch_across_workers_and_ranks(t
 
 def test_streaming_resume_skips_exactly_the_batches_trained(tmp_path):
     path = write_gz_fasta(tmp_path / "a.fasta.gz", ["MKTAYIAKQR"[: 1 + i % 10] for i in range(200)])
-    stream = RecordKeys([path], 64, seed=0, num_workers=2, shuffle_buffer=20, epochs=1)
-    full = list(DataLoader(stream, batch_size=4, num_workers=2))
-    stream.skip_batches, stream.batch_size = 7, 4
-    resumed = list(DataLoader(stream, batch_size=4, num_workers=2))
-    # Two workers serve batches in turn, so 7 batches trained resume after 8 (0 or 1 worker: exactly after 7).
-    assert len(resumed) == len(full) - 8 and all((a[1] == b[1]).all() for a, b in zip(full[8:], resumed))
-    full_one = list(DataLoader(RecordKeys([path], 64, seed=0, shuffle_buffer=20, epochs=1), batch_size=4))
-    resumed_one = list(DataLoader(stream, batch_size=4))  # in this process: one reader
-    assert len(resumed_one) == len(full_one) - 7 and all(
-        (a[1] == b[1]).all() for a, b in zip(full_one[7:], resumed_one)
-    )
+    for workers in (0, 1, 2, 3):
+        stream = RecordKeys([path], 64, seed=0, num_workers=workers, shuffle_buffer=20, epochs=1)
+        full = [batch[1].tolist() for batch in DataLoader(stream, batch_size=4, num_workers=workers)]
+        stream.skip_batches, stream.batch_size = 7, 4
+        resumed = [batch[1].tolist() for batch in DataLoader(stream, batch_size=4, num_workers=workers)]
+        assert resumed == full[7:], workers  # exactly after the 7 batches trained, whichever worker served them
+
+
+def served_pairs(stream, skip: int = 0) -> list[list[tuple[int, int]]]:
+    """The (epoch, key) pairs of each batch a 2-worker DataLoader serves after skipping `skip` batches."""
+    stream.skip_batches, stream.batch_size = skip, 4
+    loader = DataLoader(stream, batch_size=4, num_workers=2)
+    return [list(zip(epochs.tolist(), keys.tolist(), strict=True)) for epochs, keys in loader]
+
+
+@pytest.mark.parametrize("trained", [7, 10, 37])
+def test_streaming_resume_serves_every_record_once_per_epoch_on_two_ranks_with_two_workers(tmp_path, trained):
+    """Interrupted after `trained` batches on each of 2 ranks (2 workers each) and resumed: the batches after the
+    interruption are those of the uninterrupted run, so each record is trained once per epoch, epoch after epoch."""
+    path = write_gz_fasta(tmp_path / "a.fasta.gz", [("MKTAYIAKQR" * 3)[: 5 + i % 20] for i in range(203)])
+    served = []
+    for rank in (0, 1):
+        make = functools.partial(
+            RecordKeys, [path], 64, seed=0, rank=rank, world_size=2, num_workers=2, shuffle_buffer=16, epochs=2
+        )
+        full = served_pairs(make())
+        resumed = served_pairs(make(), skip=trained)
+        assert resumed == full[trained:]
+        served += [pair for batch in full[:trained] + resumed for pair in batch]
+    assert len(served) == len(set(served)) == 2 * 203  # both epochs, every record once, over both ranks
 
 
 def test_streaming_run_and_its_option_errors(tiny_cfg, tmp_path):

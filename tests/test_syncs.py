@@ -6,6 +6,7 @@ on CPU (`.cpu()`, `.numpy()`, `.tolist()`). Batches are made in a worker process
 work (host-side by design) is not counted.
 """
 
+import json
 import traceback
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from omegaconf import open_dict
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from protein_mlm.train import train
+from tests.conftest import TINY, run_cli
 
 SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.item"}
 PYTHON_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__", "__index__")
@@ -105,3 +107,78 @@ def test_training_step_is_sync_free_between_log_intervals(tiny_cfg, packing):
     (counter,) = SyncCounter.instances
     allowed = 2 * (STEPS // LOG_EVERY)
     assert len(counter.events) <= allowed, f"{len(counter.events)} host syncs:\n" + "\n".join(counter.events)
+
+
+COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all", "barrier", "broadcast",
+    "broadcast_object_list", "gather", "monitored_barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+    "scatter",
+)  # fmt: skip
+
+
+class CollectiveCounter(pl.Callback):
+    """In every DDP process: the `torch.distributed` calls made inside each training micro-batch (its hooks,
+    step, backward and optimizer step; DDP's gradient buckets run in C++ and are not calls of these functions)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.calls, self.batches = Path(out_dir), None, []
+
+    def setup(self, trainer, pl_module, stage):
+        for name in COLLECTIVES:
+            original = getattr(torch.distributed, name)
+
+            def counted(*args, _original=original, _name=name, **kwargs):
+                if self.calls is not None:
+                    self.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(torch.distributed, name, counted)
+
+    def on_train_start(self, trainer, pl_module):
+        self.calls = []  # a batch's calls: from the end of the one before it (so every batch-start hook counts)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append((batch_idx, self.calls))
+        self.calls = []
+
+    def on_validation_start(self, trainer, pl_module):
+        self.calls = None  # validation's own reductions are not the training step's
+
+    def on_validation_end(self, trainer, pl_module):
+        self.calls = []
+
+    def on_train_end(self, trainer, pl_module):
+        record = {"world": trainer.world_size, "batches": self.batches}
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_ddp_makes_one_collective_per_update_and_none_per_micro_batch(tmp_path, cache_dir):
+    """2 gloo ranks x 2 micro-batches per update: one all-reduce per update (the target count, the loss sum and
+    the stop votes together), in the update's last micro-batch; no barrier, nothing in the others."""
+    out = tmp_path / "calls"
+    out.mkdir()
+    overrides = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
+    result = run_cli(
+        *overrides,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "num_threads=1",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=8",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.log_every_n_steps=3",  # reads of the updates inside the window: no collective either
+        "callbacks.resume_checkpoint.every_n_train_steps=1000",  # a save's barrier is the checkpoint's, not a step's
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "+callbacks.counter._target_=tests.test_syncs.CollectiveCounter",
+        f"+callbacks.counter.out_dir={out}",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads((out / f"rank{rank}.json").read_text())
+        assert record["world"] == 2 and len(record["batches"]) == 16
+        for batch_idx, calls in record["batches"]:
+            assert calls == ([] if batch_idx % 2 == 0 else ["all_reduce"]), (rank, batch_idx, calls)

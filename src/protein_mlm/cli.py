@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from protein_mlm.errors import STORAGE_ERRORS, ConfigError, Preempted, TrainingDiverged, UserError, fail
+from protein_mlm.launch import distributed_rank, launched_together, shared_run_id
 from protein_mlm.overrides import nearest_key, override_key
 from protein_mlm.reporting.summary import write_status
 from protein_mlm.sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation
@@ -101,6 +102,10 @@ def _unknown_key_message(config_name: str, overrides: list[str], error: BaseExce
     return f"{key} is not a config key; {hint} (to add a new key on purpose, write +{key}=...)"
 
 
+# What another rank's Hydra may have written into the shared run dir before rank 0 checks it: its log file.
+RANK_OUTPUT = re.compile(r"\w+_ddp_process_\d+\.log")
+
+
 def make_run_dir(requested: str, explicit: bool) -> str:
     """Create the run dir now; a default one gets a -1, -2 … suffix when a run in the same second took it."""
     base = Path(requested)
@@ -114,7 +119,7 @@ def make_run_dir(requested: str, explicit: bool) -> str:
             raise ConfigError(
                 f"cannot create the run dir {path} ({e.strerror}); choose a writable hydra.run.dir or paths.log_dir"
             ) from None
-        if explicit and any(path.iterdir()):
+        if explicit and any(not RANK_OUTPUT.fullmatch(p.name) for p in path.iterdir()):
             raise ConfigError(
                 f"run dir {path} already holds files; choose a new hydra.run.dir so nothing is overwritten"
             )
@@ -168,14 +173,6 @@ def check_saved_overrides(config_name: str, argv: list[str]) -> None:
         ) from None
 
 
-def distributed_rank() -> int:
-    """This process's rank as the launcher set it (as Lightning reads it); 0 when not launched distributed."""
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
-
-
 def check_sweep(config_name: str, overrides: list[str], check) -> None:
     """Compose and check every job of a grid sweep first, so a typo fails in one line, not in every job."""
     try:
@@ -219,10 +216,10 @@ def prepare_argv(config_name: str, argv: list[str], check) -> tuple[list[str], A
         return argv, None
     if flags:
         return argv, None  # --help, --cfg, --info …: Hydra's own modes
+    argv = shared_run_dir(config_name, argv)
     if distributed_rank() > 0:
-        # A DDP child: Lightning re-runs this command line with hydra.run.dir pinned to rank 0's run dir, which
-        # rank 0 has checked and created already; making or checking one here would fork the run into two dirs.
-        return argv, None
+        # Another rank: rank 0 checks the config and creates (and checks) the run dir; this one only follows it.
+        return peer_argv(argv), None
     if any(override_key(arg) == "resume" for arg in argv):
         argv = resume_argv(argv)
         check_saved_overrides(config_name, argv)
@@ -234,6 +231,32 @@ def prepare_argv(config_name: str, argv: list[str], check) -> tuple[list[str], A
     explicit = any(override_key(arg) == "hydra.run.dir" for arg in argv)
     run_dir = make_run_dir(cfg.hydra.run.dir, explicit)
     return [a for a in argv if override_key(a) != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"], checked
+
+
+def shared_run_dir(config_name: str, argv: list[str]) -> list[str]:
+    """Processes started by torchrun or srun must all name the same run dir: a default one resolves `${now}` in
+    each process (on each node), so it comes from the launcher's job id (SLURM, torchrun --rdzv-id) or is given."""
+    if not launched_together() or any(override_key(a) in ("hydra.run.dir", "resume") for a in argv):
+        return argv
+    run_id = shared_run_id()
+    if run_id is None:
+        raise ConfigError(
+            "processes started by torchrun need one run dir for all of them (and all nodes): pass hydra.run.dir=<a "
+            "dir on the shared filesystem> (or torchrun --rdzv-id=<id>, which names it)"
+        )
+    return [*argv, f"hydra.run.dir={compose_checked(config_name, argv).paths.log_dir}/{run_id}"]
+
+
+def peer_argv(argv: list[str]) -> list[str]:
+    """A rank > 0 started by torchrun or srun (not by Lightning, which pins all of this itself): rank 0's resume
+    rewrite, and Hydra's output for this rank as Lightning names it (its log file; no second .hydra/)."""
+    if any(override_key(a) == "resume" for a in argv):
+        argv = resume_argv(argv)
+    if any(override_key(a) == "hydra.output_subdir" and a.endswith("=null") for a in argv):
+        return argv  # a child Lightning started: rank 0's command line, pinned already
+    rank = distributed_rank()
+    kept = [a for a in argv if override_key(a) not in ("hydra.job.name", "hydra.output_subdir")]
+    return [*kept, f"hydra.job.name=train_ddp_process_{rank}", "hydra.output_subdir=null"]
 
 
 def run_task(task, cfg: DictConfig, checked: Any = None) -> float:

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from protein_mlm.errors import ConfigError
+from protein_mlm.launch import local_device
 from protein_mlm.model.attention import varlen_available
 from protein_mlm.model.esm import build_model, can_compile, count_parameters
 from protein_mlm.model.perf import cpu_flags, resolve_peak_tflops
@@ -86,7 +87,7 @@ def resolve(cfg: DictConfig) -> RunPlan:
         accumulate=accumulate,
         val_check_batches=validation_interval(cfg, accumulate),
         schedule=make_schedule(schedule_cfg, cfg.trainer.max_steps),
-        peak_tflops=resolve_peak_tflops(cfg.get("perf", {}).get("peak_tflops"), precision, on_gpu),
+        peak_tflops=resolve_peak_tflops(cfg.get("perf", {}).get("peak_tflops"), precision, on_gpu, local_device()),
         compile=resolve_compile(cfg.model.get("compile", False), cfg.trainer.max_steps, on_gpu),
         packing=resolve_packing(
             cfg.data.get("packing", False),
@@ -126,6 +127,15 @@ def cpu_supports_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def gpu_supports_bf16() -> bool:
+    """Native bf16 (compute capability 8.0+) on this rank's own GPU, asked without creating a CUDA context.
+
+    This runs in every DDP rank before Lightning sets the device: `is_bf16_supported` would ask the current
+    device (GPU 0 on every rank) and may run a kernel there, a context and half a GB of GPU 0 per rank.
+    """
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(local_device())[0] >= 8
+
+
 def uses_gpu(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
@@ -135,7 +145,7 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     if precision != "auto":
         return precision
     if uses_gpu(accelerator):
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+        return "bf16-mixed" if gpu_supports_bf16() else "16-mixed"
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 

@@ -2,21 +2,35 @@
 in its one-line error, and the resolved `RunPlan` (plan.py) that the run then reads."""
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from protein_mlm.data.fasta import has_residue_line
 from protein_mlm.data.options import check_data_options
-from protein_mlm.errors import ConfigError
+from protein_mlm.errors import ConfigError, DataError
+from protein_mlm.launch import distributed_rank
 from protein_mlm.model import memory
-from protein_mlm.plan import RunPlan, resolve
+from protein_mlm.plan import RunPlan, num_devices, resolve, uses_gpu
 from protein_mlm.rules import ValueRule, check_value
 from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, check_init_from, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-# The value rules of a run, in one table (the data.* ones are data/options.py's): key, type (None: may be null), the
-# requirement, an example.
+BETAS = "optimizer.betas=[0.9,0.98]"
+
+
+def _unit(value: Any) -> bool:
+    """A number (not a bool) in [0, 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
+
+
+# The value rules of a run, in one table (the data.* ones are data/options.py's): key, type (None: may be null; list:
+# a list whose shape the requirement checks), the requirement, an example. A key the config does not have (e.g. SGD's
+# momentum under AdamW) is skipped.
 VALUE_RULES = (
     ValueRule("optimizer.lr", (float,), lambda v: v > 0, "> 0 (the peak LR)", "optimizer.lr=4e-4"),
     ValueRule("trainer.max_steps", (int,), lambda v: v > 0, "> 0 (optimizer updates)", "trainer.max_steps=1000"),
@@ -29,6 +43,24 @@ VALUE_RULES = (
         "trainer.gradient_clip_val", (float, None), lambda v: v > 0, "> 0 or null", "trainer.gradient_clip_val=1.0"
     ),
     ValueRule("seed", (int,), lambda v: v >= 0, ">= 0", "seed=0"),
+    ValueRule(
+        "optimizer.betas", (list,), lambda v: len(v) == 2 and all(_unit(b) for b in v), "two numbers in [0, 1)", BETAS
+    ),
+    ValueRule("optimizer.eps", (float,), lambda v: v > 0, "> 0", "optimizer.eps=1e-8"),
+    ValueRule("optimizer.weight_decay", (float,), lambda v: v >= 0, ">= 0", "optimizer.weight_decay=0.01"),
+    ValueRule("optimizer.momentum", (float,), lambda v: 0 <= v < 1, "in [0, 1)", "optimizer.momentum=0.9"),
+    ValueRule("scheduler.warmup_init_lr", (float,), lambda v: v >= 0, ">= 0", "scheduler.warmup_init_lr=0.0"),
+    ValueRule("scheduler.final_lr_ratio", (float,), lambda v: 0 <= v <= 1, "in [0, 1]", "scheduler.final_lr_ratio=0.1"),
+    ValueRule(
+        "scheduler.decay_end_fraction", (float,), lambda v: 0 < v <= 1, "in (0, 1]", "scheduler.decay_end_fraction=0.9"
+    ),
+    ValueRule("scheduler.power", (float,), lambda v: v > 0, "> 0", "scheduler.power=1.0"),
+    ValueRule("scheduler.timescale", (int, None), lambda v: v >= 1, ">= 1 or null", "scheduler.timescale=10000"),
+    ValueRule("trainer.num_nodes", (int,), lambda v: v >= 1, ">= 1 (machines)", "trainer.num_nodes=2"),
+    ValueRule("trainer.log_every_n_steps", (int,), lambda v: v >= 1, ">= 1 (updates)", "trainer.log_every_n_steps=10"),
+    ValueRule(
+        "trainer.num_sanity_val_steps", (int,), lambda v: v >= -1, ">= -1 (-1: all)", "trainer.num_sanity_val_steps=2"
+    ),
 )
 ABSENT = object()
 
@@ -51,13 +83,39 @@ def check_values(cfg: DictConfig) -> None:
         )
 
 
+def check_devices(trainer: DictConfig) -> None:
+    """trainer.devices: a count, a list of device ids, or auto / -1; no more processes than this machine can serve.
+
+    Counted without creating a CUDA context (`device_count` does not): on a machine without GPUs (a SLURM login
+    node submitting a job) the GPU count is left to the job's own check.
+    """
+    devices = trainer.get("devices", 1)
+    example = "e.g. trainer.devices=2, trainer.devices=[0,1] or trainer.devices=auto"
+    is_ids = OmegaConf.is_list(devices) and all(isinstance(d, int) and not isinstance(d, bool) for d in devices)
+    is_count = isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)
+    if not (is_ids or is_count or devices == "auto" or (isinstance(devices, str) and devices.isdigit())):
+        raise ConfigError(f"trainer.devices={devices!r} is not a device count, a list of ids or auto; {example}")
+    wanted = num_devices(trainer)
+    if uses_gpu(trainer.get("accelerator", "auto")):
+        have, what = (torch.cuda.device_count(), "GPUs") if torch.cuda.is_available() else (wanted, "")
+    else:
+        have, what = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, "cores"
+    if wanted > have:
+        raise ConfigError(
+            f"trainer.devices={devices} asks for {wanted} processes on this machine, which has {have} {what}; "
+            f"use trainer.devices={have} (and trainer.num_nodes for more machines)"
+        )
+
+
 def check_memory(cfg: DictConfig, plan: RunPlan | None = None) -> None:
     """Refuse a run whose estimated training memory exceeds what this machine (or GPU) has available."""
     if not cfg.get("perf", {}).get("check_memory", True):
         return
     plan = plan or resolve(cfg)
     arch, data, on_gpu = cfg.model.architecture, cfg.data, plan.on_gpu
-    available = memory.available_bytes(on_gpu)
+    if on_gpu and distributed_rank() > 0:
+        return  # rank 0 checked its GPU (reading it makes a context; here the rank has not chosen its GPU yet)
+    available = memory.available_bytes(on_gpu)  # rank 0: local rank 0, GPU 0
     if available is None:
         return
     processes = 1 if on_gpu else plan.devices  # DDP on CPU: every process on this host
@@ -115,6 +173,9 @@ def check_config(cfg: DictConfig) -> RunPlan:
             )
         if path and not Path(path).is_file() and not streamed_dir:
             raise ConfigError(f"data.{key}={path} does not exist; pass the path of a FASTA file (.fasta or .fasta.gz)")
+        fasta = path and Path(path).suffix not in (".parquet", ".pq")  # Parquet's own reader checks its rows
+        if fasta and not streamed_dir and not has_residue_line(path):  # found here, before a run dir is made
+            raise DataError(f"{path} holds no sequence (only headers?); pass a FASTA with sequences")
     strategy = cfg.trainer.get("strategy")
     if "fsdp" in str(strategy).lower() and cfg.trainer.accelerator == "cpu":  # (a SLURM login node has no GPU)
         raise ConfigError(
@@ -132,6 +193,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
             "a fused optimizer unscales fp16 gradients inside its step, so they cannot be clipped before it; "
             "set optimizer.fused=false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
         )
+    check_devices(cfg.trainer)  # after the specific errors about devices (e.g. FSDP on CPUs)
     if not cfg.get("plan_only"):  # last: a specific error first; a plan (e.g. on a login node) trains nothing
         check_memory(cfg, plan)
     if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:

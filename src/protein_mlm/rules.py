@@ -19,6 +19,8 @@ class ValueRule(NamedTuple):
 def _type_ok(value: Any, types: tuple) -> bool:
     if value is None:
         return None in types
+    if list in types:  # a list (or an OmegaConf ListConfig) whose shape the rule's range checks
+        return isinstance(value, list | tuple) or type(value).__name__ == "ListConfig"
     if isinstance(value, bool):
         return False
     return (float in types and isinstance(value, int | float)) or (int in types and isinstance(value, int))

@@ -61,6 +61,22 @@ def check_residues(residues: bytes, where: str) -> None:
         )
 
 
+def has_residue_line(path: str | Path) -> bool:
+    """False only for a non-empty FASTA whose every line is a header or blank (records with no residues).
+
+    Reads up to the first residue line, so a real file costs a line or two; any other problem is left to the
+    strict reader, which names the line.
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        return True
+    try:
+        with open_maybe_gzipped(path) as handle:
+            return any(line.strip() and not line.lstrip().startswith(b">") for line in handle)
+    except (OSError, EOFError, zlib.error):
+        return True
+
+
 def read_fasta(path: str | Path) -> Iterator[tuple[str, bytes]]:
     """Yield (record id, upper-case residues) for every record; reject anything that is not clean FASTA."""
     for record_id, _, residues in read_fasta_records(path):

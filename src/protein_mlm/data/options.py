@@ -23,6 +23,10 @@ DATA_RULES = (
     ValueRule("data.val_max_sequences", (int, None), lambda v: v >= 1, ">= 1 or null", "data.val_max_sequences=10000"),
     ValueRule("data.mask_prob", (float,), lambda v: 0 < v < 1, "in (0, 1)", "data.mask_prob=0.15"),
     ValueRule("data.num_workers", (int,), lambda v: v >= 0, ">= 0 or auto", "data.num_workers=2", auto=True),
+    ValueRule("data.shuffle_buffer", (int,), lambda v: v >= 1, ">= 1", "data.shuffle_buffer=10000"),
+    ValueRule(
+        "data.tokens_per_update", (int, None), lambda v: v >= 1, ">= 1 or null", "data.tokens_per_update=2097152"
+    ),
 )
 
 

@@ -3,10 +3,11 @@
 The files become a `datasets.IterableDataset` whose shards are (file, part) pairs: a file's part p of P holds its
 records with index % P == p. P is chosen so the shards divide evenly over ranks x DataLoader workers, so a
 directory of shards splits by file (P = 1 when the file count is a multiple of the readers) and a single gzip
-file splits by record index (every reader decompresses the whole file and keeps its own records). `datasets`
-assigns the shards to ranks (`split_dataset_by_node`) and to workers, and shuffles shard order and a buffer
-per epoch. Each reader loops over its shards epoch after epoch, so every rank steps forever, in lockstep, until
-`trainer.max_steps`; crop and mask come from (seed, epoch, record key), as in the preprocessed path.
+file splits by record index (every reader decompresses the whole file and keeps its own records). Each
+reader (a rank's DataLoader worker) takes its shards with `split_dataset_by_node` over ranks x workers, and
+`datasets` shuffles shard order and a buffer per epoch. Each reader loops over its shards epoch after epoch,
+so every rank steps forever, in lockstep, until `trainer.max_steps`; crop and mask come from (seed, epoch,
+record key), as in the preprocessed path. A resume continues exactly where the run stopped (`_reader`).
 """
 
 import math
@@ -82,19 +83,20 @@ class StreamingFastaDataset(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.num_shards = len(shards)
 
-    def _skip(self) -> int:
-        """Records this reader skips on resume.
+    def _reader(self) -> tuple[int, int, int]:
+        """(the reader this process plays, the rank's readers, the batches it skips on resume).
 
-        DataLoader takes batches from its workers in turn, always starting with worker 0, so the skip is rounded up
-        to a whole round of workers: a resumed run continues up to num_workers - 1 batches later than it stopped
-        (never repeating one); with num_workers=0 or 1 it continues exactly where it stopped.
+        DataLoader takes batches from its workers in turn, starting with worker 0; after a resume that skips B
+        batches, the next batch is B, which reader B % W served in the uninterrupted run. So worker slot s plays
+        reader (B + s) % W, which had served (B + s) // W batches: the resumed run continues exactly where it
+        stopped, for any number of workers.
         """
         info = torch.utils.data.get_worker_info()
-        workers = info.num_workers if info is not None else 1
-        return -(-self.skip_batches // workers) * self.batch_size
+        slot, readers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return (self.skip_batches + slot) % readers, readers, (self.skip_batches + slot) // readers
 
-    def epoch_stream(self, epoch: int) -> datasets.IterableDataset:
-        """This rank's rows of one epoch, shard order and buffer shuffled from (seed, epoch).
+    def epoch_stream(self, epoch: int, reader: int = 0, readers: int = 1) -> datasets.IterableDataset:
+        """This reader's rows of one epoch, shard order and buffer shuffled from (seed, epoch).
 
         A new stream per epoch rather than `set_epoch`: `datasets` keeps the epoch in memory shared by the
         DataLoader workers, so a worker entering the next epoch would reshuffle the shards of one still in this one.
@@ -102,20 +104,23 @@ class StreamingFastaDataset(torch.utils.data.IterableDataset):
         stream = self.records_stream
         if self.shuffle_buffer > 1:
             stream = stream.shuffle(seed=self.seed * 1_000_003 + epoch, buffer_size=self.shuffle_buffer)
-        return split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
+        return split_dataset_by_node(stream, rank=self.rank * readers + reader, world_size=self.world_size * readers)
 
     def records(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """(epoch, record key, token ids) of this reader's share, epoch after epoch (`epochs` of them, or forever)."""
-        skip = self._skip()
+        reader, readers, skip_batches = self._reader()
+        skip = skip_batches * self.batch_size
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
             served = False
-            for row in self.epoch_stream(epoch):
+            # Read as in the main process: in a DataLoader worker `datasets` would split by the worker's slot,
+            # while the split here is by the reader the slot plays (`_reader`).
+            for row in self.epoch_stream(epoch, reader, readers).iter(batch_size=1):
                 served = True
                 if skip:
                     skip -= 1
                     continue
-                yield epoch, row["key"], encode_residues(row["residues"])
+                yield epoch, row["key"][0], encode_residues(row["residues"][0])
             if not served:
                 raise DataError("the streamed FASTA data holds no sequences for this reader; use fewer workers")
             epoch += 1

@@ -35,12 +35,15 @@ def lookup_peak_tflops(device_name: str, precision: str | int) -> float | None:
     return None
 
 
-def resolve_peak_tflops(peak_tflops: float | None, precision: str | int, on_gpu: bool) -> float | None:
-    """The configured peak, else the datasheet value of this GPU; None on CPUs (no single honest number)."""
+def resolve_peak_tflops(peak_tflops: float | None, precision: str | int, on_gpu: bool, device: int = 0) -> float | None:
+    """The configured peak, else the datasheet value of GPU `device`; None on CPUs (no single honest number).
+
+    Read from the device's properties, which need no CUDA context (the process may not have chosen its GPU yet).
+    """
     if peak_tflops:
         return float(peak_tflops)
     if on_gpu and torch.cuda.is_available():
-        return lookup_peak_tflops(torch.cuda.get_device_name(), precision)
+        return lookup_peak_tflops(torch.cuda.get_device_properties(device).name, precision)
     return None
 
 

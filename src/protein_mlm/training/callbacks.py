@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -116,8 +115,9 @@ class ResumeCheckpoint(pl.Callback):
     Written at the start of the batch after an update (so every hook of that update, validation included, has
     run): every `every_n_train_steps` updates, after each validation, on SIGTERM, and when training ends. A
     SIGTERM (SLURM sends it before the time limit) is acted on at the next micro-batch: the checkpoint points at
-    the current window's start, the window's partial gradients are dropped, and the run stops at once. A SIGTERM
-    during a validation lets that validation finish first: it belongs to the update before it.
+    the current window's start, the window's partial gradients are dropped, and the run stops at once. Under DDP
+    all ranks stop together at an update boundary a few updates later (training.agreement: no collective of its
+    own). A SIGTERM during a validation lets that validation finish first: it belongs to the update before it.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 100, filename: str = "last.ckpt"):
@@ -130,15 +130,19 @@ class ResumeCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_step = trainer.global_step  # the state it resumed from is on disk already
+        if trainer.world_size > 1 and hasattr(trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor"):
+            # Lightning broadcasts rank 0's SIGTERM flag and reads it on the host before every micro-batch; the
+            # ranks agree on a SIGTERM with each update's all-reduce instead (_stop_now).
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
         if threading.current_thread() is threading.main_thread():
-            lightning_handler = signal.getsignal(signal.SIGTERM)
 
             def on_sigterm(signum, frame):
-                if callable(lightning_handler):  # Lightning's handler forwards SIGTERM to DDP children
-                    lightning_handler(signum, frame)
-                # ...and would raise at the end of this batch or inside a validation; we stop at an update instead.
-                trainer._signal_connector.received_sigterm = False
-                self.sigterm = True
+                # In place of Lightning's handler, which would raise at the end of this batch or inside a
+                # validation (we stop at an update instead) and broadcast from inside the signal handler.
+                launcher = trainer.strategy.launcher
+                if not self.sigterm and launcher is not None:
+                    launcher.kill(signum)  # forward it to the DDP children this process started, as Lightning does
+                self.sigterm = pl_module.stop_requested = True  # the module votes with its next update's totals
 
             signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -147,8 +151,8 @@ class ResumeCheckpoint(pl.Callback):
             self._validated = True
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        stop = self._sigterm_on_any_rank(trainer)  # every rank calls this at the same micro-batch
         at_boundary = pl_module.window.pending == 0
+        stop = self._stop_now(trainer, pl_module, at_boundary)  # every rank decides alike at the same micro-batch
         due = trainer.global_step % self.every_n_train_steps == 0 or self._validated
         if stop or (at_boundary and due and trainer.global_step > self._saved_step):
             self.save(trainer, pl_module)
@@ -169,12 +173,12 @@ class ResumeCheckpoint(pl.Callback):
             rewind_to_last_update(checkpoint, self._pending, trainer.val_check_batch)
             self._pending = None
 
-    def _sigterm_on_any_rank(self, trainer: pl.Trainer) -> bool:
+    def _stop_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_boundary: bool) -> bool:
+        """One process: at once. DDP: a SIGTERM may reach only some ranks, so each rank's vote travels with the
+        update's all-reduce (training.agreement) and all ranks stop at the same update boundary, a few updates on."""
         if trainer.world_size == 1:
             return self.sigterm
-        # A SIGTERM may reach only some ranks: all stop at the same micro-batch.
-        flag = torch.tensor(float(self.sigterm), device=trainer.strategy.root_device)  # NCCL reduces GPU tensors only
-        return bool(trainer.strategy.reduce(flag, reduce_op="max"))
+        return at_boundary and pl_module.agreement.stop_agreed(trainer.global_step)
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -15,6 +15,7 @@ from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX
 from protein_mlm.errors import TrainingDiverged
 from protein_mlm.model.esm import build_model
 from protein_mlm.model.packed import packed_logits
+from protein_mlm.training.agreement import UpdateAgreement
 from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, CONTACT_HEAD_KEY, FORMAT_KEY, load_pretrained_into
 from protein_mlm.training.schedules import lambda_scheduler
 from protein_mlm.training.updates import UpdateRecord, UpdateWindow
@@ -75,6 +76,8 @@ class MaskedLMModule(pl.LightningModule):
         self.window = UpdateWindow()  # the open update and the finished ones, read once per logging interval
         self.window.subscribe(self._log_updates)
         self._clip_norm: torch.Tensor | None = None  # this update's gradient norm, for clipping
+        self.agreement = UpdateAgreement()  # under DDP: each update's totals and stop votes, in one collective
+        self.stop_requested = False  # this rank got a SIGTERM (set by callbacks.ResumeCheckpoint)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, vocab)
@@ -100,6 +103,9 @@ class MaskedLMModule(pl.LightningModule):
         """Returns the summed token loss; `on_after_backward` turns the update's gradient into a token mean."""
         loss_sum, n_targets, _ = self._masked_lm(batch)
         self.window.add(loss_sum, n_targets, batch[COUNTS_KEY], batch.get(POSITION_KEY))
+        if self.trainer.world_size > 1 and self._ends_update():
+            # Both totals are known before the backward: their one all-reduce runs while it does.
+            self._totals = self.agreement.start(*self.window.totals(), self.stop_requested)
         return loss_sum
 
     def _ends_update(self) -> bool:
@@ -114,12 +120,11 @@ class MaskedLMModule(pl.LightningModule):
         if not self._ends_update():
             return
         loss_sum, targets = self.window.totals()
+        world = self.trainer.world_size
+        if world > 1:  # the rescale needs the totals of all ranks: wait for training_step's all-reduce here
+            loss_sum, targets = self.agreement.finish(self._totals, self.trainer.global_step)
         if self.trainer.global_step == self.inject_nan_at_step:
             loss_sum = self._make_nan(loss_sum)
-        world = self.trainer.world_size
-        if world > 1:  # one collective for both totals; DDP has already averaged the gradients over ranks
-            totals = self.trainer.strategy.reduce(torch.stack([loss_sum, targets.to(loss_sum)]), reduce_op="sum")
-            loss_sum, targets = totals[0], totals[1]
         # Lightning divided each micro-batch's loss by accumulate_grad_batches (also in a partial window), and
         # DDP divides by the world size: undo both and divide by the update's target count instead.
         scale = self.trainer.accumulate_grad_batches * world / targets.clamp(min=1)

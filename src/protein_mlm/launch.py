@@ -1,0 +1,49 @@
+"""Who started this process: its rank and device as the launcher (Lightning, torchrun, SLURM) set them in the
+environment, read before any process group exists, so nothing here touches a GPU or the network."""
+
+import os
+
+RANK_KEYS = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # global rank, as Lightning's environments read it
+LOCAL_RANK_KEYS = ("LOCAL_RANK", "SLURM_LOCALID", "JSM_NAMESPACE_LOCAL_RANK")
+
+
+def _first_int(keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return None
+
+
+def distributed_rank() -> int:
+    """This process's global rank; 0 when not launched distributed, and only on the first process of node 0.
+
+    Lightning's own launcher sets just LOCAL_RANK and NODE_RANK in its processes: there the number is > 0 on
+    every other process, though not the global rank (that needs the devices per node, unknown here).
+    """
+    rank = _first_int(RANK_KEYS)
+    if rank is not None:
+        return rank
+    return (_first_int(LOCAL_RANK_KEYS) or 0) + (_first_int(("NODE_RANK", "GROUP_RANK")) or 0)
+
+
+def local_device() -> int:
+    """The GPU index this process trains on (Lightning's DDP gives local rank r the r-th device)."""
+    return _first_int(LOCAL_RANK_KEYS) or 0
+
+
+def launched_together() -> bool:
+    """One of several processes that each run train.py themselves: torchrun's, srun's (one task per device), or a
+    later node of Lightning's own launcher. Lightning's children on one node get rank 0's run dir instead."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and (_first_int(("WORLD_SIZE",)) or 1) > 1:
+        return True
+    if (_first_int(("SLURM_STEP_NUM_TASKS",)) or 1) > 1:  # srun sets it for its step, not salloc's shell
+        return True
+    return (_first_int(("NODE_RANK", "GROUP_RANK")) or 0) > 0
+
+
+def shared_run_id() -> str | None:
+    """An id every node of this launch sees alike (SLURM's job id, torchrun's --rdzv-id), or None."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return None if run_id in ("", "none") else f"torchrun-{run_id}"
