@@ -27,7 +27,6 @@ def refuse(*args, **kwargs):
 def test_preflight_on_a_nonzero_rank_creates_no_cuda_context(monkeypatch, rank):
     """A DDP rank checks its config before Lightning sets its device: it asks only context-free device queries,
     of its own GPU (LOCAL_RANK), never the free memory of GPU 0."""
-    monkeypatch.setattr("protein_mlm.preflight._last_checked", None)  # check afresh, not the memo of a test before
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("LOCAL_RANK", str(rank % 2))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -137,7 +136,7 @@ def test_a_multi_node_launch_without_a_shared_run_dir_is_one_line(tmp_path, monk
     with pytest.raises(ConfigError, match="need one run dir for all of them"):
         prepare_argv("train", ["model=tiny"], check_config)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
-    argv = prepare_argv("train", ["model=tiny"], check_config)
+    argv, _ = prepare_argv("train", ["model=tiny"], check_config)
     assert "hydra.run.dir=outputs/torchrun-job7" in argv and "hydra.job.name=train_ddp_process_1" in argv
     assert not (tmp_path / "outputs").exists()  # a rank > 0 creates no run dir
 
