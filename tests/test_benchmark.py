@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_benchmark_writes_a_row_per_configuration(tmp_path):
     out = tmp_path / "results.md"
     rows = "hf,ours,ours_packed,bare"

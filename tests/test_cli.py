@@ -196,6 +196,7 @@ def test_help_shows_examples_and_every_user_facing_option(tmp_path):
         assert options <= listed, f"{group}: {options - listed} missing from --help"
 
 
+@pytest.mark.slow
 def test_a_refused_resume_or_eval_changes_nothing_in_the_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     tiny = [o for o in TINY if not o.startswith("trainer.max_steps")]

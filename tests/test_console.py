@@ -3,6 +3,8 @@
 import csv
 import re
 
+import pytest
+
 from tests.conftest import TINY, run_cli
 
 RUN = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval", "callbacks.prog"))] + [
@@ -27,6 +29,7 @@ def test_piped_output_gets_a_progress_line_per_interval_and_train_log_the_whole_
     assert not [n for n in noise if n in result.stdout + result.stderr]
 
 
+@pytest.mark.slow
 def test_csv_mlflow_and_wandb_loggers_each_get_the_lr_once_per_step(tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -447,6 +447,7 @@ def test_score_bad_inputs_are_one_line_and_leave_no_file(case, message, hf_dir, 
     assert not out.exists() and not list(tmp_path.glob(".out.csv*"))
 
 
+@pytest.mark.slow
 def test_root_scripts_run_on_a_project_run_dir(project_run, hf_dir, fasta, tmp_path):
     """`python embed.py` / `python score.py` as a user runs them, on what training left behind."""
     import subprocess

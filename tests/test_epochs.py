@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from omegaconf import open_dict
 
 from protein_mlm.data.masking import collate
@@ -93,6 +94,7 @@ def test_cluster_sampling_visits_every_cluster_once_per_epoch(tmp_path, small_fa
     assert len({tuple(sorted(rows)) for rows in complete}) > 1  # different members in different epochs
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_serve_their_share_of_every_epoch(tmp_path, small_fasta):
     run_dir = tmp_path / "ddp"
     overrides = [o for o in TINY if not o.startswith("trainer.accelerator")]

@@ -27,7 +27,7 @@ class Recorder(pl.Callback):
             self.weights.append(torch.cat([p.detach().flatten().clone() for p in pl_module.parameters()]))
 
     def on_after_backward(self, trainer, pl_module):
-        last = pl_module._micro_batches + 1 >= trainer.accumulate_grad_batches
+        last = pl_module.window.pending >= trainer.accumulate_grad_batches  # this update's last micro-batch
         if last and trainer.global_step == self.overflow_at:  # what an fp16 overflow leaves in the scaled grads
             next(p for p in pl_module.parameters() if p.grad is not None).grad[0].fill_(float("inf"))
 

@@ -221,6 +221,7 @@ def test_packed_training_run_logs_and_exports(tiny_cfg, tmp_path):
     assert exported.state_dict().keys() == module.model.state_dict().keys()
 
 
+@pytest.mark.slow
 def test_compiled_layers_match_eager_and_compile_once_for_packed_batches():
     """model.compile with packed batches: fp32 logits and gradients within 1e-5, one graph for 20 batches."""
     import torch._dynamo

@@ -36,6 +36,7 @@ def test_plotted_points_equal_the_schedule_functions(tmp_path):
         assert list(lrs) == pytest.approx([peak * formula(int(s)) for s in steps], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_script_writes_the_png_and_rejects_bad_config(tmp_path):
     script = ROOT / "scripts" / "plot_schedule.py"
     args = [sys.executable, str(script), "scheduler.warmup_steps=16000", "trainer.max_steps=500000"]

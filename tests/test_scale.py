@@ -166,6 +166,7 @@ class RecordShards(pl.Callback):
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_share_epochs_and_follow_the_single_process_lr(tiny_cfg, cache_dir, tmp_path):
     """trainer=ddp with 2 gloo processes: disjoint shards, one run dir, the single-process LR at every step."""
     record_dir = tmp_path / "shards"

@@ -105,7 +105,7 @@ def assert_same_run(resumed: Path, straight: Path, max_steps: int) -> None:
     )
 
 
-@pytest.mark.parametrize("accumulate", [1, 3])
+@pytest.mark.parametrize("accumulate", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_interrupted_runs_resume_exactly(tmp_path, small_fasta, accumulate):
     """kill -9 and SIGTERM chains (run side by side, one per core) against one uninterrupted run."""
     max_steps, points = CHAINS[accumulate]
@@ -122,6 +122,7 @@ def test_interrupted_runs_resume_exactly(tmp_path, small_fasta, accumulate):
     assert checkpoints[-1] == "last.ckpt" and len(checkpoints) == 2  # one best (save_top_k=1), one last, no -v1
 
 
+@pytest.mark.slow
 def test_resume_with_data_workers(tmp_path, small_fasta):
     """Two DataLoader worker processes: prefetching runs ahead, yet a resume continues at the trained position."""
     max_steps, _ = CHAINS[1]
@@ -132,6 +133,7 @@ def test_resume_with_data_workers(tmp_path, small_fasta):
     assert_same_run(tmp_path / "workers", straight, max_steps)
 
 
+@pytest.mark.slow
 def test_packed_run_resumes_exactly(tmp_path, small_fasta):
     """data.packing=true, two micro-batches per update: kill -9 inside a window, inside a validation, in epoch 2."""
     max_steps = 12
@@ -162,6 +164,7 @@ def test_a_full_disk_mid_run_is_one_line_and_loses_no_checkpoint(tmp_path, small
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_fixed_size_run_resumes_exactly(tmp_path, small_fasta):
     """data.max_tokens=null (batches of data.batch_size): kill -9 at a window boundary and in epoch 2."""
     max_steps = 18

@@ -65,6 +65,7 @@ def test_warmup_sweep_names_jobs_logs_each_schedule_and_summarises(tmp_path):
     assert read_summary(sweep_dir) == rows and (sweep_dir / "summary.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_diverging_job_does_not_end_the_sweep(tmp_path):
     args = ["-m", *SWEEP, f"paths.cache_dir={tmp_path}/cache", "faults.inject_nan_at_step=2,100,200"]
     result = run_cli(*args, cwd=tmp_path, timeout=600)
@@ -87,6 +88,7 @@ def test_swept_keys_and_job_names(monkeypatch):
     assert len(long_name) <= 120
 
 
+@pytest.mark.slow
 def test_optuna_search_reports_the_best_trial(tmp_path):
     args = [*SWEEP, f"paths.cache_dir={tmp_path}/cache", "hparams_search=optuna", "hydra.sweeper.n_trials=2"]
     result = run_cli(*args, cwd=tmp_path, timeout=600)  # no -m: the search config sets hydra.mode
@@ -102,6 +104,7 @@ def test_optuna_search_reports_the_best_trial(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers(tmp_path, launcher):
     args = [
@@ -138,6 +141,7 @@ def test_summary_plot_has_lr_train_and_validation_panels_in_numeric_order(tmp_pa
     assert all(legend == labels for _, legend in panels)
 
 
+@pytest.mark.slow
 def test_a_csv_only_sweep_still_gets_the_lr_audit_and_the_summary(tmp_path):
     """logger=csv replaces TensorBoard in the config, yet the run's own TensorBoard record stays."""
     args = ["-m", *SWEEP, "logger=csv", f"paths.cache_dir={tmp_path}/cache", "scheduler.warmup_steps=2,4"]

@@ -50,6 +50,7 @@ def test_a_bad_scan_is_a_one_line_error_before_training(tiny_cfg, tmp_path):
         train(tiny_cfg(zero_shot_override(str(csv))))
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_split_the_scan_and_the_sweep_summary_shows_it(tmp_path, cache_dir):
     run_dir = tmp_path / "sweep" / "job"
     overrides = [o for o in TINY if not o.startswith("trainer.accelerator")]

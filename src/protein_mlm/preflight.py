@@ -193,8 +193,8 @@ def check_config(cfg: DictConfig) -> RunPlan:
             "a fused optimizer unscales fp16 gradients inside its step, so they cannot be clipped before it; "
             "set optimizer.fused=false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
         )
-    check_devices(cfg.trainer)  # after the specific errors about devices (e.g. FSDP on CPUs)
     if not cfg.get("plan_only"):  # last: a specific error first; a plan (e.g. on a login node) trains nothing
+        check_devices(cfg.trainer)  # after the specific errors about devices (e.g. FSDP on CPUs)
         check_memory(cfg, plan)
     if cfg.scheduler.get("warmup_steps", 0) > cfg.trainer.max_steps:
         log.warning(
