@@ -160,8 +160,11 @@ def sort_by_length(rows: np.ndarray, lengths: np.ndarray, rng: np.random.Generat
         chunk = tie_break[start : start + CHUNK]
         by_tie[chunk] = np.arange(start, start + len(chunk), dtype=by_tie.dtype)
     del tie_break
-    every_row = len(rows) and rows[0] == 0 and rows[-1] == len(rows) - 1  # np.arange: rows[i] == i
-    return sort_stably_by_length(by_tie if every_row else rows[by_tie], lengths)
+    # Always gather: rows carries no promise of being an arange, and whether it is cannot be read from its values
+    # (a cluster draw [0, 4, 2] starts at 0 and ends at len - 1). The gather costs no extra peak: by_tie is freed first.
+    items = rows[by_tie]
+    del by_tie
+    return sort_stably_by_length(items, lengths)
 
 
 def greedy_cuts(sorted_lengths: np.ndarray, max_tokens: int) -> np.ndarray:
