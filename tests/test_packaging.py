@@ -38,3 +38,24 @@ def test_a_wheel_installed_elsewhere_trains_from_an_empty_directory(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert copy.returncode == 0 and (empty / "my_configs" / "train.yaml").is_file()
     assert not (empty / "my_configs" / "__init__.py").exists()
+
+
+# torch APIs the code calls without a guard, and the first torch release that has each (from torch's release notes).
+TORCH_API_SINCE = {
+    "get_total_norm": (2, 6),
+    "clip_grads_with_norm_": (2, 6),
+    "torch.compiler.is_compiling": (2, 3),
+    "maybe_mark_dynamic": (2, 1),
+}
+
+
+def test_the_torch_floor_has_every_api_the_code_calls():
+    """pyproject's `torch>=X.Y` is no older than the newest API in the table that src/ uses."""
+    import re
+
+    floor_text = re.search(r'"torch>=(\d+)\.(\d+)', (ROOT / "pyproject.toml").read_text())
+    floor = (int(floor_text[1]), int(floor_text[2]))
+    source = "\n".join(p.read_text() for p in (ROOT / "src").rglob("*.py"))
+    used = {api: since for api, since in TORCH_API_SINCE.items() if api in source}
+    assert used, "the table names none of the APIs the code calls"
+    assert floor >= max(used.values()), f"torch>={floor} but the code calls {used}"

@@ -2,7 +2,6 @@
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from protein_mlm.errors import Preempted
+from protein_mlm.launch import launched_together
 from protein_mlm.plan import RunPlan, plan_rows
 from protein_mlm.preflight import check_config
 from protein_mlm.reporting.console import route_records, silence_lightning_noise
@@ -31,11 +31,6 @@ log = logging.getLogger(__name__)
 def is_rank_zero() -> bool:
     """False in the other processes of a distributed run (Lightning's DDP children, SLURM tasks > 0)."""
     return rank_zero_only.rank == 0
-
-
-def launched_together() -> bool:
-    """Whether this process was started with its peers (torchrun's WORLD_SIZE, SLURM's task count)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def build_module(cfg: DictConfig, plan: RunPlan) -> MaskedLMModule:

@@ -84,8 +84,9 @@ def fused_qkv(projections) -> tuple[torch.Tensor, torch.Tensor]:
 def rotate(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of (batch, tokens, 2, heads, head_dim) queries and keys, in their own dtype.
 
-    `cos`/`sin` are EsmModel's (batch or 1, tokens, head_dim) tables, built once per forward from its position
-    ids (so packed rows restart at every sequence, as in HF). HF computes `x * cos + rotate_half(x) * sin` in fp32;
+    `cos`/`sin` are EsmModel's (batch or 1, tokens, head_dim) tables, built once per forward from the positions it
+    is given: none for a packed batch (model/packed.py), so positions run along the whole row; rotary scores depend
+    only on the distance between two tokens of a sequence, which its offset in the row leaves unchanged. HF computes `x * cos + rotate_half(x) * sin` in fp32;
     here the half-swap is one cat and its sign moves into `sin` (exact), all in the activation dtype.
     """
     half = query_key.shape[-1] // 2
