@@ -86,8 +86,9 @@ def rotate(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
     `cos`/`sin` are EsmModel's (batch or 1, tokens, head_dim) tables, built once per forward from the positions it
     is given: none for a packed batch (model/packed.py), so positions run along the whole row; rotary scores depend
-    only on the distance between two tokens of a sequence, which its offset in the row leaves unchanged. HF computes `x * cos + rotate_half(x) * sin` in fp32;
-    here the half-swap is one cat and its sign moves into `sin` (exact), all in the activation dtype.
+    only on the distance between two tokens of a sequence, which its offset in the row leaves unchanged. HF computes
+    `x * cos + rotate_half(x) * sin` in fp32; here the half-swap is one cat and its sign moves into `sin` (exact),
+    all in the activation dtype.
     """
     half = query_key.shape[-1] // 2
     cos = cos.to(query_key.dtype)[:, :, None, None, :]  # broadcast over (query/key, heads)
