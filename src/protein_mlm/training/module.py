@@ -10,7 +10,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
-from protein_mlm.data.loader import POSITION_KEY, ResumableLoader
+from protein_mlm.data.loader import POSITION_KEY, ResumableLoader, StreamLoader
 from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX
 from protein_mlm.errors import TrainingDiverged
 from protein_mlm.model.esm import build_model
@@ -134,7 +134,7 @@ class MaskedLMModule(pl.LightningModule):
         self._skip_if_not_finite(loss, self._clip_norm)
         position = self.window.end(self.trainer.global_step, loss, self._clip_norm)
         loader = self.trainer.train_dataloader
-        if position is not None and isinstance(loader, ResumableLoader):
+        if position is not None and isinstance(loader, ResumableLoader | StreamLoader):
             loader.commit(position)  # a checkpoint from now on resumes after this update's batches
 
     def _make_nan(self, loss_sum: torch.Tensor) -> torch.Tensor:

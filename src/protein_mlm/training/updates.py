@@ -56,7 +56,7 @@ class UpdateWindow:
 
     def add(self, loss_sum: torch.Tensor, targets: torch.Tensor, counts: BatchCounts, position) -> None:
         """One micro-batch: its summed loss and target count (device tensors, never read here), its host counts
-        and its data position (None for a streamed batch)."""
+        and its data position (loader.POSITION_KEY)."""
         self._loss_sum = self._loss_sum + loss_sum.detach()
         self._targets = self._targets + targets
         self._counts = BatchCounts(*map(sum, zip(self._counts, counts, strict=True)))
