@@ -2,11 +2,21 @@
 another machine would serve other records (docs/reliability.md, "The data position")."""
 
 import json
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader, Dataset
 
+from protein_mlm.data.loader import POSITION_KEY, ResumableLoader, StreamLoader
+from protein_mlm.data.packing import PackedBatches
+from protein_mlm.data.samplers import FixedSizeBatches, TokenBudgetBatchSampler
+from protein_mlm.errors import ConfigError
 from tests.conftest import run_cli
+from tests.test_scale import RecordKeys, write_gz_fasta
 from tests.test_stop_and_go import BASE, interrupt_overrides, logged, trained_batches
 
 
@@ -45,6 +55,7 @@ def assert_same_stream(resumed: Path, straight: Path, max_steps: int) -> None:
     assert [ours["train/loss"][s] for s in steps] == pytest.approx([theirs["train/loss"][s] for s in steps], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_stream_stopped_inside_an_accumulation_window_resumes_exactly(tmp_path, small_fasta):
     """Issue #26 item 2: 4 FASTA shards, batch 4, accumulation 3, SIGTERM at the 2nd micro-batch of update 5."""
     max_steps = 7
@@ -61,3 +72,155 @@ def test_a_stream_stopped_inside_an_accumulation_window_resumes_exactly(tmp_path
     records = [json.loads(line) for line in (stopped / "batches.jsonl").read_text().splitlines()]
     resumed_from = next(r for p, r in zip(records, records[1:]) if (r["step"], r["micro"]) <= (p["step"], p["micro"]))
     assert (resumed_from["step"], resumed_from["micro"], resumed_from["position"]) == (5, 0, [0, 15])
+
+
+# --- The position at the loader level: generated lengths, ranks, workers, accumulation and interruptions ---------
+
+
+class Keys(Dataset):
+    """A sample is its (epoch, index) key: what the loader asked for."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key):
+        return key
+
+
+def key_batch(samples) -> dict:
+    return {"keys": [tuple(int(v) for v in s) for s in samples]}
+
+
+def map_loader(strategy: str, lengths: np.ndarray, world: int, rank: int, workers: int) -> ResumableLoader:
+    shared = dict(num_replicas=world, rank=rank)
+    batcher = {
+        "fixed": lambda: FixedSizeBatches(len(lengths), 4, seed=3, **shared),
+        "token_budget": lambda: TokenBudgetBatchSampler(lengths, 256, seed=3, **shared),
+        "packed": lambda: PackedBatches(lengths, 2, 128, seed=3, **shared),
+    }[strategy]()
+    return ResumableLoader(Keys(len(lengths)), batcher, key_batch, workers, pin_memory=False)
+
+
+def train(loader, micro_batches: int, accumulate: int, stop_at: int | None = None) -> list:
+    """The keys of each micro-batch a training loop takes, committing each update's last one, until `micro_batches`
+    (or an interruption before micro-batch `stop_at`: the open window is dropped, as the module drops it)."""
+    taken = []
+    for batch in loader:
+        if len(taken) == (micro_batches if stop_at is None else stop_at):
+            break
+        taken.append(batch["keys"])
+        if len(taken) % accumulate == 0:
+            loader.commit(batch[POSITION_KEY])
+    return taken if stop_at is None else taken[: stop_at - stop_at % accumulate]
+
+
+def resumed_run(make, total: int, accumulate: int, stop_at: int, workers_after: int) -> list:
+    """Keys trained by a run stopped before micro-batch `stop_at` and resumed from its saved position."""
+    first = make(None)
+    done = train(first, total, accumulate, stop_at)
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint holds it
+    second = make(workers_after)
+    second.load_state_dict(state)
+    return done + train(second, total - len(done), accumulate)
+
+
+lengths_strategy = st.lists(st.integers(1, 120), min_size=4, max_size=40).map(np.array)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=lengths_strategy,
+    strategy=st.sampled_from(["fixed", "token_budget", "packed"]),
+    world=st.integers(1, 3),
+    workers=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    accumulate=st.integers(1, 3),
+    data=st.data(),
+)
+def test_a_map_style_run_resumes_exactly_on_any_worker_count(lengths, strategy, world, workers, accumulate, data):
+    """Stopped at any micro-batch (inside a window or at its end) and resumed on another worker count, each rank
+    trains the uninterrupted run's batches; over the ranks every row is trained once per epoch, plus exactly the
+    batches the rank split repeats (`samplers.rank_share`)."""
+    total = len(map_loader(strategy, lengths, world, 0, 0).batcher.rank_batches(0)) * 2 + 1  # into epoch 2
+    stop_at = data.draw(st.integers(0, total - 1), label="stop_at")
+    served = []
+    for rank in range(world):
+        straight = train(map_loader(strategy, lengths, world, rank, 0), total, accumulate)
+
+        def make(after, rank=rank):
+            return map_loader(strategy, lengths, world, rank, workers[0] if after is None else after)
+
+        assert resumed_run(make, total, accumulate, stop_at, workers[1]) == straight
+        served += [key for batch in straight for key in batch]
+    planner = map_loader(strategy, lengths, 1, 0, 0).batcher
+    for epoch in (0, 1):
+        plan = planner.batches(epoch)
+        repeats = [int(i) for batch in list(plan)[: -len(plan) % world] for i in batch]
+        expected = sorted(list(range(len(lengths))) + repeats)
+        assert sorted(index for e, index in served if e == epoch) == expected
+
+
+def test_a_map_style_position_refuses_another_world_size():
+    lengths = np.arange(1, 41)
+    state = map_loader("token_budget", lengths, 2, 0, 0).state_dict()
+    with pytest.raises(ConfigError, match="had 2 processes .* this one has 1: .*resume with 2 processes") as info:
+        map_loader("token_budget", lengths, 1, 0, 0).load_state_dict(state)
+    assert "\n" not in str(info.value)
+
+
+def stream_loader(files: list[Path], world: int, rank: int, workers: int) -> StreamLoader:
+    """Batches of 4 (epoch, record key) pairs of rank `rank`'s share of a streamed FASTA."""
+    dataset = RecordKeys(files, 64, seed=0, rank=rank, world_size=world, num_workers=workers, shuffle_buffer=8)
+    dataset.batch_size = 4
+    return StreamLoader(DataLoader(dataset, batch_size=4, collate_fn=key_batch, num_workers=workers), world, workers)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shard_sizes=st.lists(st.integers(9, 14), min_size=1, max_size=3),
+    world=st.integers(1, 3),
+    workers=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    accumulate=st.integers(1, 3),
+    data=st.data(),
+)
+def test_a_stream_resumes_exactly_on_its_readers_and_refuses_others(shard_sizes, world, workers, accumulate, data):
+    """Stopped at any micro-batch and resumed: on the same readers (0 and 1 workers are one reader) each rank
+    trains the uninterrupted run's batches, and each record once per reader epoch; on other readers, one line."""
+    with tempfile.TemporaryDirectory() as folder:
+        files, start = [], 0
+        for k, size in enumerate(shard_sizes):
+            files.append(
+                write_gz_fasta(Path(folder) / f"s{k}.fa.gz", ["MKTAYIAKQR"[: 1 + i % 10] for i in range(size)], start)
+            )
+            start += size
+        readers = max(workers[0], 1)
+        total = readers * (-(-sum(shard_sizes) // 4) + 1)  # every reader passes its whole share of epoch 0
+        stop_at = data.draw(st.integers(0, total - 1), label="stop_at")
+        served = []
+        for rank in range(world):
+            straight = train(stream_loader(files, world, rank, workers[0]), total, accumulate)
+            served += [pair for batch in straight for pair in batch]
+
+            def make(after, rank=rank):
+                return stream_loader(files, world, rank, workers[0] if after is None else after)
+
+            if max(workers[1], 1) != readers:
+                with pytest.raises(ConfigError, match=f"pass data.num_workers={workers[0]} to resume") as info:
+                    resumed_run(make, total, accumulate, stop_at, workers[1])
+                assert "\n" not in str(info.value)
+                continue
+            assert resumed_run(make, total, accumulate, stop_at, workers[1]) == straight
+        assert len(served) == len(set(served))  # no record twice in one epoch
+        first_keys = {key for epoch, key in served if epoch == 0}
+        assert len(first_keys) == sum(shard_sizes)  # epoch 0 covers every record
+
+
+def test_a_stream_position_refuses_another_world_size(tmp_path):
+    files = [write_gz_fasta(tmp_path / "a.fa.gz", ["MKTAYIAKQR"] * 12)]
+    state = stream_loader(files, 2, 0, 0).state_dict()
+    with pytest.raises(ConfigError, match="had 2 processes .* this one has 1"):
+        stream_loader(files, 1, 0, 0).load_state_dict(state)
+    with pytest.raises(ConfigError, match="data.streaming must be what the run started with"):
+        map_loader("fixed", np.arange(1, 9), 1, 0, 0).load_state_dict(stream_loader(files, 1, 0, 0).state_dict())
