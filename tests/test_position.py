@@ -6,6 +6,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,25 +19,29 @@ from protein_mlm.data.samplers import FixedSizeBatches, TokenBudgetBatchSampler
 from protein_mlm.errors import ConfigError
 from tests.conftest import run_cli
 from tests.test_scale import RecordKeys, write_gz_fasta
-from tests.test_stop_and_go import BASE, interrupt_overrides, logged, trained_batches
+from tests.test_stop_and_go import BASE, assert_same_run, interrupt_overrides, logged, trained_batches
 
 
-def fasta_shards(small_fasta: list[str], folder: Path, shards: int) -> Path:
-    """The small training FASTA cut into `shards` files, record k into file k % shards."""
+def shards(small_fasta: list[str], folder: Path, count: int, layout: str) -> Path:
+    """The small training FASTA cut into `count` FASTA or Parquet files, record k into file k % count."""
     train = Path(small_fasta[0].split("=", 1)[1])
     records = [">" + r for r in train.read_text().split(">") if r]
     folder.mkdir(parents=True, exist_ok=True)
-    for k in range(shards):
-        (folder / f"part{k}.fasta").write_text("".join(records[k::shards]))
+    for k in range(count):
+        part = records[k::count]
+        if layout == "fasta":
+            (folder / f"part{k}.fasta").write_text("".join(part))
+        else:
+            sequences = ["".join(r.splitlines()[1:]) for r in part]
+            pq.write_table(pa.table({"sequence": sequences}), folder / f"part{k}.parquet")
     return folder
 
 
-def streaming_args(small_fasta: list[str], tmp_path: Path, max_steps: int, accumulate: int) -> list[str]:
-    shards = fasta_shards(small_fasta, tmp_path / "shards", 4)
+def streaming_args(small_fasta: list[str], tmp_path: Path, max_steps: int, accumulate: int, layout: str) -> list:
     return [
         *BASE,
         *small_fasta[1:],
-        f"data.train_path={shards}",
+        f"data.train_path={shards(small_fasta, tmp_path / 'shards', 4, layout)}",
         "data.streaming=true",
         "data.max_tokens=null",
         "data.batch_size=4",
@@ -55,15 +61,28 @@ def assert_same_stream(resumed: Path, straight: Path, max_steps: int) -> None:
     assert [ours["train/loss"][s] for s in steps] == pytest.approx([theirs["train/loss"][s] for s in steps], abs=1e-5)
 
 
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 or "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[-1]
+
+
 @pytest.mark.slow
-def test_a_stream_stopped_inside_an_accumulation_window_resumes_exactly(tmp_path, small_fasta):
-    """Issue #26 item 2: 4 FASTA shards, batch 4, accumulation 3, SIGTERM at the 2nd micro-batch of update 5."""
+@pytest.mark.parametrize("layout", ["fasta", "parquet"])
+def test_a_stream_stopped_inside_an_accumulation_window_resumes_exactly(tmp_path, small_fasta, layout):
+    """Issue #26 item 2: 4 shards, batch 4, accumulation 3, SIGTERM at the 2nd micro-batch of update 5; a resume on
+    another worker count is refused in one line (item 3), on the saved one it equals the uninterrupted run."""
     max_steps = 7
-    args = streaming_args(small_fasta, tmp_path, max_steps, accumulate=3)
+    args = streaming_args(small_fasta, tmp_path, max_steps, accumulate=3, layout=layout)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
     first = run_cli(*args, f"hydra.run.dir={stopped}", *interrupt_overrides((5, 1), "TERM", True), cwd=tmp_path)
     assert first.returncode == 2 and "stopped by SIGTERM" in first.stderr, first.stderr[-2000:]
+    if layout == "fasta":
+        refused = run_cli(f"resume={stopped}", "callbacks.interrupt=null", "data.num_workers=2", cwd=tmp_path)
+        assert "data.num_workers=0 was saved" in one_line_error(refused)
+        assert "pass data.num_workers=0 to resume" in refused.stderr
     result = run_cli(f"resume={stopped}", "callbacks.interrupt=null", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((stopped / "status.json").read_text())["status"] == "completed"
@@ -72,6 +91,28 @@ def test_a_stream_stopped_inside_an_accumulation_window_resumes_exactly(tmp_path
     records = [json.loads(line) for line in (stopped / "batches.jsonl").read_text().splitlines()]
     resumed_from = next(r for p, r in zip(records, records[1:]) if (r["step"], r["micro"]) <= (p["step"], p["micro"]))
     assert (resumed_from["step"], resumed_from["micro"], resumed_from["position"]) == (5, 0, [0, 15])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clustered", [False, True])
+def test_a_map_style_run_continues_exactly_on_another_worker_count(tmp_path, small_fasta, clustered):
+    """Token-budget batches (and cluster sampling: 30 clusters of 2): killed inside a window with no workers,
+    resumed with data.num_workers=2, it trains what the uninterrupted run trains."""
+    max_steps = 10 if clustered else 18
+    args = [*BASE, *small_fasta, f"trainer.max_steps={max_steps}", "trainer.accumulate_grad_batches=2"]
+    if clustered:
+        train = Path(small_fasta[0].split("=", 1)[1])
+        names = [line[1:].split()[0] for line in train.read_text().splitlines() if line.startswith(">")]
+        mapping = tmp_path / "clusters.tsv"
+        mapping.write_text("".join(f"C{i // 2}\t{name}\n" for i, name in enumerate(names)))
+        args.append(f"data.cluster_map={mapping}")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
+    first = run_cli(*args, f"hydra.run.dir={killed}", *interrupt_overrides((7, 1), "KILL", True), cwd=tmp_path)
+    assert first.returncode == -9, first.stderr[-2000:]
+    result = run_cli(f"resume={killed}", "callbacks.interrupt=null", "data.num_workers=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(killed, straight, max_steps)
 
 
 # --- The position at the loader level: generated lengths, ranks, workers, accumulation and interruptions ---------
