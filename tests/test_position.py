@@ -171,8 +171,13 @@ def resumed_run(make, total: int, accumulate: int, stop_at: int, workers_after: 
 lengths_strategy = st.lists(st.integers(1, 120), min_size=4, max_size=40).map(np.array)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
+def examples(count: int) -> settings:
+    """A few generated cases in the fast tier, many in the slow one; worker processes make each one slow-ish."""
+    return settings(max_examples=count, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# An interruption inside a validation is one at a window boundary here: validation reads its own loader.
+MAP_INPUTS = dict(
     lengths=lengths_strategy,
     strategy=st.sampled_from(["fixed", "token_budget", "packed"]),
     world=st.integers(1, 3),
@@ -180,7 +185,9 @@ lengths_strategy = st.lists(st.integers(1, 120), min_size=4, max_size=40).map(np
     accumulate=st.integers(1, 3),
     data=st.data(),
 )
-def test_a_map_style_run_resumes_exactly_on_any_worker_count(lengths, strategy, world, workers, accumulate, data):
+
+
+def map_style_resumes_exactly_on_any_worker_count(lengths, strategy, world, workers, accumulate, data):
     """Stopped at any micro-batch (inside a window or at its end) and resumed on another worker count, each rank
     trains the uninterrupted run's batches; over the ranks every row is trained once per epoch, plus exactly the
     batches the rank split repeats (`samplers.rank_share`)."""
@@ -218,15 +225,16 @@ def stream_loader(files: list[Path], world: int, rank: int, workers: int) -> Str
     return StreamLoader(DataLoader(dataset, batch_size=4, collate_fn=key_batch, num_workers=workers), world, workers)
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
+STREAM_INPUTS = dict(
     shard_sizes=st.lists(st.integers(9, 14), min_size=1, max_size=3),
     world=st.integers(1, 3),
     workers=st.tuples(st.integers(0, 3), st.integers(0, 3)),
     accumulate=st.integers(1, 3),
     data=st.data(),
 )
-def test_a_stream_resumes_exactly_on_its_readers_and_refuses_others(shard_sizes, world, workers, accumulate, data):
+
+
+def stream_resumes_exactly_on_its_readers_and_refuses_others(shard_sizes, world, workers, accumulate, data):
     """Stopped at any micro-batch and resumed: on the same readers (0 and 1 workers are one reader) each rank
     trains the uninterrupted run's batches, and each record once per reader epoch; on other readers, one line."""
     with tempfile.TemporaryDirectory() as folder:
@@ -256,6 +264,20 @@ def test_a_stream_resumes_exactly_on_its_readers_and_refuses_others(shard_sizes,
         assert len(served) == len(set(served))  # no record twice in one epoch
         first_keys = {key for epoch, key in served if epoch == 0}
         assert len(first_keys) == sum(shard_sizes)  # epoch 0 covers every record
+
+
+test_a_map_style_run_resumes_exactly_on_any_worker_count = examples(6)(
+    given(**MAP_INPUTS)(map_style_resumes_exactly_on_any_worker_count)
+)
+test_a_map_style_run_resumes_exactly_on_any_worker_count_many = pytest.mark.slow(
+    examples(60)(given(**MAP_INPUTS)(map_style_resumes_exactly_on_any_worker_count))
+)
+test_a_stream_resumes_exactly_on_its_readers_and_refuses_others = examples(5)(
+    given(**STREAM_INPUTS)(stream_resumes_exactly_on_its_readers_and_refuses_others)
+)
+test_a_stream_resumes_exactly_on_its_readers_and_refuses_others_many = pytest.mark.slow(
+    examples(40)(given(**STREAM_INPUTS)(stream_resumes_exactly_on_its_readers_and_refuses_others))
+)
 
 
 def test_a_stream_position_refuses_another_world_size(tmp_path):
