@@ -71,14 +71,20 @@ def one_line_error(result) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["fasta", "parquet"])
 def test_a_stream_stopped_inside_an_accumulation_window_resumes_exactly(tmp_path, small_fasta, layout):
-    """Issue #26 item 2: 4 shards, batch 4, accumulation 3, SIGTERM at the 2nd micro-batch of update 5; a resume on
-    another worker count is refused in one line (item 3), on the saved one it equals the uninterrupted run."""
+    """Issue #26 item 2: 4 shards, batch 4, accumulation 3, SIGTERM inside the validation after update 4, then at
+    the 2nd micro-batch of update 5; a resume on another worker count is refused in one line (item 3), on the saved
+    one the run equals the uninterrupted run."""
     max_steps = 7
     args = streaming_args(small_fasta, tmp_path, max_steps, accumulate=3, layout=layout)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
-    first = run_cli(*args, f"hydra.run.dir={stopped}", *interrupt_overrides((5, 1), "TERM", True), cwd=tmp_path)
-    assert first.returncode == 2 and "stopped by SIGTERM" in first.stderr, first.stderr[-2000:]
+    legs = [
+        [*args, f"hydra.run.dir={stopped}", *interrupt_overrides(("val", 4), "TERM", True)],
+        [f"resume={stopped}", *interrupt_overrides((5, 1), "TERM", False)],
+    ]
+    for leg in legs:
+        result = run_cli(*leg, cwd=tmp_path)
+        assert result.returncode == 2 and "stopped by SIGTERM" in result.stderr, result.stderr[-2000:]
     if layout == "fasta":
         refused = run_cli(f"resume={stopped}", "callbacks.interrupt=null", "data.num_workers=2", cwd=tmp_path)
         assert "data.num_workers=0 was saved" in one_line_error(refused)
@@ -87,10 +93,11 @@ def test_a_stream_stopped_inside_an_accumulation_window_resumes_exactly(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((stopped / "status.json").read_text())["status"] == "completed"
     assert_same_stream(stopped, straight, max_steps)
-    # The resumed leg's first micro-batch is the stopped window's first: update 5, micro-batch 0, batch 15.
+    # The last leg's first micro-batch is the stopped window's first: update 5, micro-batch 0, batch 15.
     records = [json.loads(line) for line in (stopped / "batches.jsonl").read_text().splitlines()]
-    resumed_from = next(r for p, r in zip(records, records[1:]) if (r["step"], r["micro"]) <= (p["step"], p["micro"]))
-    assert (resumed_from["step"], resumed_from["micro"], resumed_from["position"]) == (5, 0, [0, 15])
+    restarts = [r for p, r in zip(records, records[1:]) if (r["step"], r["micro"]) <= (p["step"], p["micro"])]
+    last = restarts[-1]
+    assert len(restarts) == 2 and (last["step"], last["micro"], last["position"]) == (5, 0, [0, 15])
 
 
 @pytest.mark.slow
@@ -285,5 +292,7 @@ def test_a_stream_position_refuses_another_world_size(tmp_path):
     state = stream_loader(files, 2, 0, 0).state_dict()
     with pytest.raises(ConfigError, match="had 2 processes .* this one has 1"):
         stream_loader(files, 1, 0, 0).load_state_dict(state)
+    with pytest.raises(ConfigError, match="data.batch_size=8 was saved .* pass data.batch_size=8 to resume"):
+        stream_loader(files, 2, 0, 0).load_state_dict({**state, "batch_size": 8})
     with pytest.raises(ConfigError, match="data.streaming must be what the run started with"):
         map_loader("fixed", np.arange(1, 9), 1, 0, 0).load_state_dict(stream_loader(files, 1, 0, 0).state_dict())

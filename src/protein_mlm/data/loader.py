@@ -204,6 +204,7 @@ class StreamLoader:
             # Batches each of the rank's readers has served (reader r serves batches r, r + R, ...): for the record.
             "reader_batches": [len(range(r, self.batches, readers)) for r in range(readers)],
             "order": STREAM_ORDER,
+            "batch_size": self.dataset.batch_size,  # what `batches` counts in
             "world_size": self.world_size,
             "num_workers": self.num_workers,
         }
@@ -211,4 +212,10 @@ class StreamLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_format(state, "stream")
         check_machine(state, self.world_size, self.num_workers, stream=True)
+        saved = state.get("batch_size", self.dataset.batch_size)
+        if saved != self.dataset.batch_size:
+            raise ConfigError(
+                f"data.batch_size={saved} was saved and data.batch_size={self.dataset.batch_size} is set: the stream's "
+                f"position counts batches of {saved}; pass data.batch_size={saved} to resume"
+            )
         self.batches = state["batches"]
