@@ -21,6 +21,8 @@ from tests.conftest import run_cli
 from tests.test_scale import RecordKeys, write_gz_fasta
 from tests.test_stop_and_go import BASE, assert_same_run, interrupt_overrides, logged, trained_batches
 
+TIMEOUT = 600  # seconds per train.py run: the slow tier may share a busy machine
+
 
 def shards(small_fasta: list[str], folder: Path, count: int, layout: str) -> Path:
     """The small training FASTA cut into `count` FASTA or Parquet files, record k into file k % count."""
@@ -77,19 +79,21 @@ def test_a_stream_stopped_inside_an_accumulation_window_resumes_exactly(tmp_path
     max_steps = 7
     args = streaming_args(small_fasta, tmp_path, max_steps, accumulate=3, layout=layout)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
+    assert run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path, timeout=TIMEOUT).returncode == 0
     legs = [
         [*args, f"hydra.run.dir={stopped}", *interrupt_overrides(("val", 4), "TERM", True)],
         [f"resume={stopped}", *interrupt_overrides((5, 1), "TERM", False)],
     ]
     for leg in legs:
-        result = run_cli(*leg, cwd=tmp_path)
+        result = run_cli(*leg, cwd=tmp_path, timeout=TIMEOUT)
         assert result.returncode == 2 and "stopped by SIGTERM" in result.stderr, result.stderr[-2000:]
     if layout == "fasta":
-        refused = run_cli(f"resume={stopped}", "callbacks.interrupt=null", "data.num_workers=2", cwd=tmp_path)
+        refused = run_cli(
+            f"resume={stopped}", "callbacks.interrupt=null", "data.num_workers=2", cwd=tmp_path, timeout=TIMEOUT
+        )
         assert "data.num_workers=0 was saved" in one_line_error(refused)
         assert "pass data.num_workers=0 to resume" in refused.stderr
-    result = run_cli(f"resume={stopped}", "callbacks.interrupt=null", cwd=tmp_path)
+    result = run_cli(f"resume={stopped}", "callbacks.interrupt=null", cwd=tmp_path, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((stopped / "status.json").read_text())["status"] == "completed"
     assert_same_stream(stopped, straight, max_steps)
@@ -114,10 +118,14 @@ def test_a_map_style_run_continues_exactly_on_another_worker_count(tmp_path, sma
         mapping.write_text("".join(f"C{i // 2}\t{name}\n" for i, name in enumerate(names)))
         args.append(f"data.cluster_map={mapping}")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
-    first = run_cli(*args, f"hydra.run.dir={killed}", *interrupt_overrides((7, 1), "KILL", True), cwd=tmp_path)
+    assert run_cli(*args, f"hydra.run.dir={straight}", cwd=tmp_path, timeout=TIMEOUT).returncode == 0
+    first = run_cli(
+        *args, f"hydra.run.dir={killed}", *interrupt_overrides((7, 1), "KILL", True), cwd=tmp_path, timeout=TIMEOUT
+    )
     assert first.returncode == -9, first.stderr[-2000:]
-    result = run_cli(f"resume={killed}", "callbacks.interrupt=null", "data.num_workers=2", cwd=tmp_path)
+    result = run_cli(
+        f"resume={killed}", "callbacks.interrupt=null", "data.num_workers=2", cwd=tmp_path, timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(killed, straight, max_steps)
 
