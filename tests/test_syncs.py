@@ -6,6 +6,7 @@ on CPU (`.cpu()`, `.numpy()`, `.tolist()`). Batches are made in a worker process
 work (host-side by design) is not counted.
 """
 
+import collections
 import json
 import traceback
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from omegaconf import open_dict
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from protein_mlm.reporting.tblog import read_scalars
 from protein_mlm.train import train
 from tests.conftest import TINY, run_cli
 
@@ -173,6 +175,8 @@ def test_ddp_makes_one_collective_per_update_and_none_per_micro_batch(tmp_path, 
         f"hydra.run.dir={tmp_path / 'run'}",
         "+callbacks.counter._target_=tests.test_syncs.CollectiveCounter",
         f"+callbacks.counter.out_dir={out}",
+        "+callbacks.recorder._target_=protein_mlm.training.debug.callbacks.BatchRecorder",
+        f"+callbacks.recorder.path={out / 'batches.jsonl'}",
         cwd=tmp_path,
         timeout=300,
     )
@@ -182,3 +186,13 @@ def test_ddp_makes_one_collective_per_update_and_none_per_micro_batch(tmp_path, 
         assert record["world"] == 2 and len(record["batches"]) == 16
         for batch_idx, calls in record["batches"]:
             assert calls == ([] if batch_idx % 2 == 0 else ["all_reduce"]), (rank, batch_idx, calls)
+    # That one all-reduce also sums the update's real tokens: train/tokens_seen and tok/s count both ranks.
+    per_update = collections.Counter()
+    for name in ("batches.rank0.jsonl", "batches.rank1.jsonl"):
+        for line in (out / name).read_text().splitlines():
+            per_update[json.loads(line)["step"]] += json.loads(line)["tokens"]
+    assert len(per_update) == 8
+    seen = dict(read_scalars(tmp_path / "run")["train/tokens_seen"])
+    assert seen == {step: sum(per_update[s] for s in range(step + 1)) for step in range(8)}
+    speed = read_scalars(tmp_path / "run")["perf/tokens_per_sec"]
+    assert speed and all(v > 0 for _, v in speed)

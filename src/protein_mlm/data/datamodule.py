@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from protein_mlm.data.clusters import ClusterSampler, load_cluster_sampler
-from protein_mlm.data.loader import ResumableLoader
+from protein_mlm.data.loader import ResumableLoader, StreamLoader
 from protein_mlm.data.masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
 from protein_mlm.data.options import check_data_options
 from protein_mlm.data.packing import PackedBatches, collate_packed
@@ -179,15 +179,9 @@ class ProteinDataModule(pl.LightningDataModule):
         """ESM-2's UniRef50 cluster sampling over the training rows, its arrays cached beside the data."""
         return load_cluster_sampler(self.cluster_map, self.train_path, train, self._clusters_cache(), self.seed)
 
-    def state_dict(self) -> dict[str, int]:
-        """Streaming only (the map-style loader keeps its own position): batches consumed in the endless epoch."""
-        if not self.streaming:
-            return {}
-        batches_done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self.trainer.current_epoch, "batches": batches_done}
-
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Streaming: on resume, the next train loader skips the batches already trained on."""
+        """A streamed checkpoint of checkpoint format 2 kept its position here (batches consumed); the training
+        loader now keeps it (loader.StreamLoader), and this one is its start when the loader saved none."""
         self._resume = dict(state) if state else None
 
     def train_tokens(self) -> int | None:
@@ -196,9 +190,9 @@ class ProteinDataModule(pl.LightningDataModule):
             return int(self.token_lengths("train")[self.clusters.epoch_indices(0)].sum())
         return None if self.streaming else int(self.token_lengths("train").sum())
 
-    def _streaming_loader(self, resume: dict[str, int] | None) -> DataLoader:
+    def _streaming_loader(self, resume: dict[str, int] | None) -> StreamLoader:
         num_replicas, rank = self.replicas()
-        return streaming_loader(
+        loader = streaming_loader(
             self.train_files,
             self.splits["val"],
             self.max_length,
@@ -209,8 +203,8 @@ class ProteinDataModule(pl.LightningDataModule):
             self.num_workers,
             self.shuffle_buffer,
             self.pin_memory,
-            skip_batches=resume["batches"] if resume else 0,
         )
+        return StreamLoader(loader, num_replicas, self.num_workers, start=resume["batches"] if resume else 0)
 
     def val_unigram_perplexity(self) -> float:
         self.setup()
@@ -245,7 +239,7 @@ class ProteinDataModule(pl.LightningDataModule):
     def _dataset(self, split: str) -> MaskedSequenceDataset:
         return MaskedSequenceDataset(self.splits[split], self.max_length, self.seed, self.mask_prob)
 
-    def train_dataloader(self) -> ResumableLoader | DataLoader:
+    def train_dataloader(self) -> ResumableLoader | StreamLoader:
         if self.streaming:
             resume, self._resume = self._resume, None
             return self._streaming_loader(resume)

@@ -7,7 +7,12 @@ file splits by record index (every reader decompresses the whole file and keeps 
 reader (a rank's DataLoader worker) takes its shards with `split_dataset_by_node` over ranks x workers, and
 `datasets` shuffles shard order and a buffer per epoch. Each reader loops over its shards epoch after epoch,
 so every rank steps forever, in lockstep, until `trainer.max_steps`; crop and mask come from (seed, epoch,
-record key), as in the preprocessed path. A resume continues exactly where the run stopped (`_reader`).
+record key), as in the preprocessed path. A resume continues exactly where the run stopped (`_reader`), on the
+same readers: loader.StreamLoader saves the position and refuses another world size or worker count.
+
+A stream's epoch is each reader's own pass over its shards: reader r is in epoch e while it reads its shards for
+the (e+1)-th time. Readers serve equal batch counts but their shares differ by up to one shard's worth of records,
+so the readers of one rank (and the ranks) cross their epoch boundaries at different batches.
 """
 
 import math
@@ -157,7 +162,6 @@ def streaming_loader(
     num_workers,
     shuffle_buffer,
     pin_memory,
-    skip_batches: int = 0,
 ) -> DataLoader:
     """The training DataLoader over the streamed FASTA files; sequences of the validation split are skipped."""
     num_replicas, rank = replicas
@@ -173,8 +177,7 @@ def streaming_loader(
         shuffle_buffer=shuffle_buffer,
         exclude=val_digests,  # no validation sequence is trained on
     )
-    dataset.batch_size = batch_size
-    dataset.skip_batches = skip_batches  # a resume: one endless Lightning epoch, skip the batches already trained on
+    dataset.batch_size = batch_size  # what a resume's skip counts in (loader.StreamLoader sets skip_batches)
     return DataLoader(
         dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory
     )

@@ -91,7 +91,7 @@ class PlainProgress(pl.Callback):
         route_records()
         self._start = self._last_time = time.monotonic()
         self._start_step = self._seen_step = trainer.global_step
-        self._last_tokens = pl_module.window.tokens_seen
+        self._last_tokens, self._last_read = pl_module.window.tokens_seen, self._start
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -103,7 +103,11 @@ class PlainProgress(pl.Callback):
         if not trainer.is_global_zero or not (by_step or now - self._last_time >= self.every_seconds):
             return
         PROGRESS.info(self._line(trainer, pl_module, step, now))
-        self._last_time, self._last_tokens = now, pl_module.window.tokens_seen
+        self._last_time, self._last_tokens, self._last_read = (
+            now,
+            pl_module.window.tokens_seen,
+            pl_module.window.read_at,
+        )
 
     def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, now: float) -> str:
         total = trainer.max_steps
@@ -113,8 +117,10 @@ class PlainProgress(pl.Callback):
             parts.append(f"loss {latest.loss:.4f}")
         if trainer.optimizers:
             parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3e}")
-        tokens = pl_module.window.tokens_seen - self._last_tokens
-        parts.append(f"{tokens / max(now - self._last_time, 1e-9):,.0f} tok/s")
+        # All ranks' tokens, known up to the last read update: the rate is over the time between those reads.
+        tokens, seconds = pl_module.window.tokens_seen - self._last_tokens, pl_module.window.read_at - self._last_read
+        if seconds > 0:  # a line by time with no read since the last line has no new count
+            parts.append(f"{tokens / seconds:,.0f} tok/s")
         if isinstance(trainer.train_dataloader, ResumableLoader):  # a streamed run has no epoch count
             parts.append(f"epoch {trainer.train_dataloader.epoch}")
         elapsed = now - self._start

@@ -31,13 +31,13 @@ class ThroughputMeter(pl.Callback):
         self._since = time.perf_counter()  # validation time is not training throughput
 
     def measure(self, records: list[UpdateRecord]) -> None:
-        """Per process; under DDP multiply tokens/s by the world size."""
+        """Tokens/s over all ranks (the update's all-reduce summed them); TFLOP/s and MFU per device."""
         now = time.perf_counter()
         since, self._since = self._since, now
         if since is None or not records:
             return
         seconds = max(now - since, 1e-9)
-        tokens = sum(r.tokens for r in records)
+        tokens = sum(r.all_tokens for r in records)
         arch = self._module.hparams.architecture
         flops = sum(
             flops_per_step(
@@ -45,7 +45,7 @@ class ThroughputMeter(pl.Callback):
             )
             for r in records
         )
-        metrics = {"perf/tokens_per_sec": tokens / seconds, "perf/tflops": flops / seconds / 1e12}
+        metrics = {"perf/tokens_per_sec": tokens / seconds, "perf/tflops": flops / seconds / 1e12}  # this rank's FLOPs
         if self.peak_tflops:
             metrics["perf/mfu"] = metrics["perf/tflops"] / self.peak_tflops
         for logger in self._trainer.loggers:

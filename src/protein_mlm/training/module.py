@@ -10,7 +10,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
-from protein_mlm.data.loader import POSITION_KEY, ResumableLoader
+from protein_mlm.data.loader import POSITION_KEY, ResumableLoader, StreamLoader
 from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX
 from protein_mlm.errors import TrainingDiverged
 from protein_mlm.model.esm import build_model
@@ -105,7 +105,7 @@ class MaskedLMModule(pl.LightningModule):
         self.window.add(loss_sum, n_targets, batch[COUNTS_KEY], batch.get(POSITION_KEY))
         if self.trainer.world_size > 1 and self._ends_update():
             # Both totals are known before the backward: their one all-reduce runs while it does.
-            self._totals = self.agreement.start(*self.window.totals(), self.stop_requested)
+            self._totals = self.agreement.start(*self.window.totals(), self.stop_requested, self.window.tokens)
         return loss_sum
 
     def _ends_update(self) -> bool:
@@ -120,9 +120,9 @@ class MaskedLMModule(pl.LightningModule):
         if not self._ends_update():
             return
         loss_sum, targets = self.window.totals()
-        world = self.trainer.world_size
+        world, all_tokens = self.trainer.world_size, None  # None: this rank's tokens are all there are
         if world > 1:  # the rescale needs the totals of all ranks: wait for training_step's all-reduce here
-            loss_sum, targets = self.agreement.finish(self._totals, self.trainer.global_step)
+            loss_sum, targets, all_tokens = self.agreement.finish(self._totals, self.trainer.global_step)
         if self.trainer.global_step == self.inject_nan_at_step:
             loss_sum = self._make_nan(loss_sum)
         # Lightning divided each micro-batch's loss by accumulate_grad_batches (also in a partial window), and
@@ -132,9 +132,9 @@ class MaskedLMModule(pl.LightningModule):
         torch._foreach_mul_(grads, scale.to(grads[0]))
         loss, self._clip_norm = loss_sum / targets.clamp(min=1), self._gradient_norm(grads)
         self._skip_if_not_finite(loss, self._clip_norm)
-        position = self.window.end(self.trainer.global_step, loss, self._clip_norm)
+        position = self.window.end(self.trainer.global_step, loss, self._clip_norm, all_tokens)
         loader = self.trainer.train_dataloader
-        if position is not None and isinstance(loader, ResumableLoader):
+        if position is not None and isinstance(loader, ResumableLoader | StreamLoader):
             loader.commit(position)  # a checkpoint from now on resumes after this update's batches
 
     def _make_nan(self, loss_sum: torch.Tensor) -> torch.Tensor:
@@ -259,7 +259,8 @@ class MaskedLMModule(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["tokens_seen"] = self.window.tokens_seen  # counted at updates only, like the data position
+        self.window.read()  # tokens_seen is known up to the last read update (nothing is unread at a resume save)
+        checkpoint["tokens_seen"] = self.window.tokens_seen  # all ranks' tokens, at updates only, like the position
         checkpoint[FORMAT_KEY] = CHECKPOINT_FORMAT
         checkpoint[CONTACT_HEAD_KEY] = self.contact_head_trained  # provenance for inference (contacts or not)
 

@@ -10,6 +10,7 @@ queued work. A step that reads its loss stalls the host once per step; reading a
 numbers at once stalls it once per interval, and every update is still logged at its own step.
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,8 @@ class UpdateRecord:
     tokens: int  # real (non-pad) tokens on this rank
     padded: int  # tokens including padding on this rank
     squared_lengths: int  # sum of sequence lengths squared on this rank (attention FLOPs)
-    tokens_seen: int  # real tokens trained on so far, this update included
+    tokens_seen: int  # real tokens trained on so far by all ranks, this update included
+    all_tokens: int  # real tokens of this update over all ranks (summed by the update's all-reduce under DDP)
 
 
 Listener = Callable[[list[UpdateRecord]], None]
@@ -38,13 +40,15 @@ class UpdateWindow:
     """The open update and the finished ones not yet read; `subscribe` to be told of them, `read` to read now."""
 
     def __init__(self):
-        self.tokens_seen = 0  # real (non-pad) tokens trained on, kept across resumes (the module's checkpoints)
+        # Real (non-pad) tokens all ranks trained on up to the last read update; kept across resumes (checkpoints).
+        self.tokens_seen = 0
         self.latest: UpdateRecord | None = None  # the newest update read so far
         self.last_step = 0  # trainer.max_steps (0: none): its update is always read
+        self.read_at = time.monotonic()  # when updates were last read (tokens_seen holds up to then)
         self._listeners: list[Listener] = []
         self._intervals: set[int] = set()  # read at the end of every n-th update, for each n
         self._device: list[torch.Tensor] = []  # (loss, grad_norm) per finished, unread update
-        self._host: list[tuple[int, int, int, int, int]] = []
+        self._host: list[tuple[int, int, int, int]] = []
         self._open()
 
     def _open(self) -> None:
@@ -56,24 +60,34 @@ class UpdateWindow:
 
     def add(self, loss_sum: torch.Tensor, targets: torch.Tensor, counts: BatchCounts, position) -> None:
         """One micro-batch: its summed loss and target count (device tensors, never read here), its host counts
-        and its data position (None for a streamed batch)."""
+        and its data position (loader.POSITION_KEY)."""
         self._loss_sum = self._loss_sum + loss_sum.detach()
         self._targets = self._targets + targets
         self._counts = BatchCounts(*map(sum, zip(self._counts, counts, strict=True)))
         self.pending += 1
         self._position = position
 
+    @property
+    def tokens(self) -> int:
+        """The open update's real tokens on this rank (host counts)."""
+        return self._counts.tokens
+
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The open update's summed token loss and target count, on the device."""
         return self._loss_sum, self._targets
 
-    def end(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[int, int] | None:
+    def end(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, all_tokens: torch.Tensor | None = None
+    ) -> tuple[int, int] | None:
         """The open update ended as optimizer step `step`: queue it and open the next; returns the data position of
-        its last batch (where a resume continues from)."""
-        self.tokens_seen += self._counts.tokens
+        its last batch (where a resume continues from). `all_tokens`: its real tokens over all ranks, on the device
+        (DDP's all-reduce); None in a single process."""
         counts, position = self._counts, self._position
-        self._device.append(torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)]))
-        self._host.append((step, counts.tokens, counts.padded, counts.squared_lengths, self.tokens_seen))
+        if all_tokens is None:  # a fill, not a host-to-device copy
+            all_tokens = torch.full_like(loss, float(counts.tokens), dtype=torch.float64)
+        row = [loss.detach().double(), grad_norm.detach().double().to(loss.device), all_tokens.double()]
+        self._device.append(torch.stack(row))
+        self._host.append((step, counts.tokens, counts.padded, counts.squared_lengths))
         self._open()
         return position
 
@@ -93,12 +107,12 @@ class UpdateWindow:
         if not self._host:
             return []
         values = torch.stack(self._device).tolist()  # the one host sync
-        records = [
-            UpdateRecord(step, loss, norm, tokens, padded, squared, seen)
-            for (loss, norm), (step, tokens, padded, squared, seen) in zip(values, self._host, strict=True)
-        ]
+        records = []
+        for (loss, norm, all_tokens), (step, tokens, padded, squared) in zip(values, self._host, strict=True):
+            self.tokens_seen += round(all_tokens)
+            records.append(UpdateRecord(step, loss, norm, tokens, padded, squared, self.tokens_seen, round(all_tokens)))
         self._device, self._host = [], []
-        self.latest = records[-1]
+        self.latest, self.read_at = records[-1], time.monotonic()
         for listener in self._listeners:
             listener(records)
         return records

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from protein_mlm.data.loader import POSITION_KEY
+from protein_mlm.data.masking import COUNTS_KEY
 
 
 class Interrupt(pl.Callback):
@@ -68,7 +69,8 @@ class DiskFull(pl.Callback):
 
 
 class BatchRecorder(pl.Callback):
-    """Append one JSON line per training micro-batch: update, micro-batch, data position, content digest."""
+    """Append one JSON line per training micro-batch: update, micro-batch, data position, content digest, real
+    tokens."""
 
     def __init__(self, path: str):
         self.path = Path(path)
@@ -80,6 +82,7 @@ class BatchRecorder(pl.Callback):
             "micro": pl_module.window.pending,
             "position": list(batch.get(POSITION_KEY, ())),
             "digest": batch_digest(batch),
+            "tokens": int(batch[COUNTS_KEY].tokens),  # real tokens: what train/tokens_seen counts
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         path = self.path if trainer.world_size == 1 else self.path.with_suffix(f".rank{trainer.global_rank}.jsonl")
