@@ -13,7 +13,8 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from protein_mlm.composition import CONFIG_DIR, compose_checked
+from protein_mlm import composition
+from protein_mlm.composition import compose_checked
 from protein_mlm.errors import ConfigError
 from protein_mlm.overrides import override_key
 from protein_mlm.plan import RESOLVED_KEYS
@@ -114,7 +115,7 @@ def parse(override: str):
 
 def is_group(key: str) -> bool:
     """A config group (model, logger, hydra/launcher ...), chosen by name rather than set as a value."""
-    return "." not in key and (CONFIG_DIR / key).is_dir()
+    return "." not in key and (composition.CONFIG_DIR / key).is_dir()
 
 
 def saved_choices(saved: Saved) -> list[str]:
@@ -255,9 +256,10 @@ def same_choice(override, saved: Saved) -> bool:
     return override.input_line in saved.overrides or str(override.value()) == str(choice)
 
 
-def refuse(line: str, key: str, saved_value: Any) -> None:
+def refuse(line: str, key: str, saved: Any) -> None:
+    shown = "null" if saved is None else str(saved).lower() if isinstance(saved, bool) else saved  # as typed
     raise ConfigError(
-        f"{line} differs from the run's {key}={saved_value!r} (its config.yaml) and {key} may not change on resume; "
+        f"{line} differs from the run's {key}={shown} (its config.yaml) and {key} may not change on resume; "
         "drop it (the keys that may change: docs/reliability.md), or start a new run from the checkpoint with "
         "ckpt_path=<run dir>/checkpoints/last.ckpt"
     )
