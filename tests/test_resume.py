@@ -105,7 +105,8 @@ def test_a_repeated_command_line_is_accepted(tmp_path):
 
 
 def test_allowed_overrides_are_applied(tmp_path):
-    run_dir = write_run(tmp_path / "run", *STARTED)
+    recorder = "+callbacks.recorder._target_=protein_mlm.training.debug.callbacks.BatchRecorder"
+    run_dir = write_run(tmp_path / "run", *STARTED, recorder, "+callbacks.recorder.path=${paths.output_dir}/b.jsonl")
     now = [
         "trainer.max_steps=30",
         "logger=csv",
@@ -121,6 +122,7 @@ def test_allowed_overrides_are_applied(tmp_path):
     assert cfg.paths.cache_dir == cfg.data.cache_dir == f"{tmp_path}/cache"  # data.cache_dir follows (${paths...})
     assert cfg.callbacks.progress_bar is None and cfg.data.num_workers == 2 and cfg.callbacks.stop.at_step == 25
     assert list(cfg.hydra.overrides.task) == now  # this invocation's record (.hydra/resume-<time>/overrides.yaml)
+    assert cfg.callbacks.recorder.path == f"{run_dir.resolve()}/b.jsonl"  # a saved ${...} override is read as written
 
 
 def test_an_old_run_dir_resumes_with_its_values(tmp_path, caplog):

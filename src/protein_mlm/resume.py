@@ -100,9 +100,10 @@ def load_saved(run_dir: Path) -> Saved:
             "pass the dir of a train.py run that saved a checkpoint (or use ckpt_path=<file>)"
         )
     overrides, choices = run_dir / ".hydra" / "overrides.yaml", run_dir / ".hydra" / "hydra.yaml"
-    overrides = [str(o) for o in OmegaConf.load(overrides)] if overrides.is_file() else []
+    overrides = OmegaConf.to_container(OmegaConf.load(overrides)) if overrides.is_file() else []  # ${...} as typed
     choices = OmegaConf.select(OmegaConf.load(choices), "hydra.runtime.choices") if choices.is_file() else None
-    return Saved(OmegaConf.load(config_file), overrides, OmegaConf.to_container(choices) if choices else {})
+    choices = OmegaConf.to_container(choices) if choices else {}
+    return Saved(OmegaConf.load(config_file), [str(o) for o in overrides], choices)
 
 
 def parse(override: str):
