@@ -106,7 +106,8 @@ def test_a_repeated_command_line_is_accepted(tmp_path):
 
 def test_allowed_overrides_are_applied(tmp_path):
     recorder = "+callbacks.recorder._target_=protein_mlm.training.debug.callbacks.BatchRecorder"
-    run_dir = write_run(tmp_path / "run", *STARTED, recorder, "+callbacks.recorder.path=${paths.output_dir}/b.jsonl")
+    recorded = [recorder, "+callbacks.recorder.path=${paths.output_dir}/b.jsonl"]
+    run_dir = write_run(tmp_path / "run", *STARTED, "scheduler=cosine", "scheduler.warmup_steps=4", *recorded)
     now = [
         "trainer.max_steps=30",
         "logger=csv",
@@ -117,7 +118,8 @@ def test_allowed_overrides_are_applied(tmp_path):
         "+callbacks.stop.at_step=25",
     ]
     cfg = resume_run(run_dir, [f"resume={run_dir}", *now])
-    assert cfg.trainer.max_steps == 30 and list(cfg.logger) == ["csv"]
+    assert cfg.trainer.max_steps == cfg.scheduler.total_steps == 30  # the schedule's ${trainer.max_steps} follows
+    assert list(cfg.logger) == ["csv"]
     assert cfg.logger.csv.save_dir == str(run_dir.resolve())  # today's logger config, in the run's dir
     assert cfg.paths.cache_dir == cfg.data.cache_dir == f"{tmp_path}/cache"  # data.cache_dir follows (${paths...})
     assert cfg.callbacks.progress_bar is None and cfg.data.num_workers == 2 and cfg.callbacks.stop.at_step == 25

@@ -78,9 +78,10 @@ def resume_run(run_dir: str | Path, overrides_now: list[str], config_name: str =
     except ConfigError as e:
         raise ConfigError(f"resume={run_dir}: the run's config groups do not compose in this version: {e}") from None
     cfg = restore(base, saved, run_dir, [override_key(o) for o in changed_groups])
-    for override in (o for o in parsed if not o.key_or_group.startswith("hydra")):
+    task_now = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    for override in sorted(task_now, key=lambda o: not is_group(o.key_or_group)):  # groups first, as Hydra does
         apply(cfg, base, saved, override)
-    finish(cfg, run_dir, [o.input_line for o in parsed if not o.key_or_group.startswith("hydra")])
+    finish(cfg, run_dir, [o.input_line for o in task_now])
     return cfg
 
 
