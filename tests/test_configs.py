@@ -180,20 +180,6 @@ def test_num_workers_auto_is_zero_on_cpus_and_a_few_per_gpu(monkeypatch):
     assert check_config(compose_config("trainer=cpu")).num_workers == 0
 
 
-def test_a_resume_keeps_the_packing_its_run_started_with(tmp_path):
-    """`auto` resolves once: config.yaml records it and resume= pins it, whatever the new machine would pick."""
-    from protein_mlm.cli import resume_argv
-
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
-    (tmp_path / ".hydra").mkdir()
-    OmegaConf.save(OmegaConf.create(["model=tiny"]), tmp_path / ".hydra" / "overrides.yaml")
-    OmegaConf.save(compose_config("data.packing=true"), tmp_path / "config.yaml")
-    argv = resume_argv([f"resume={tmp_path}", "trainer.max_steps=20"])
-    assert argv.index("data.packing=true") < argv.index("trainer.max_steps=20")  # before the new overrides
-    assert argv[0] == "model=tiny"
-
-
 def test_the_datamodule_refuses_an_unresolved_auto():
     from protein_mlm.errors import ConfigError
 

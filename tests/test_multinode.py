@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from protein_mlm.cli import make_run_dir, prepare_argv
+from protein_mlm.cli import make_run_dir, prepare_run
 from protein_mlm.errors import ConfigError
 from protein_mlm.plan import build_schedule
 from protein_mlm.preflight import check_config
@@ -134,10 +134,10 @@ def test_a_multi_node_launch_without_a_shared_run_dir_is_one_line(tmp_path, monk
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match="need one run dir for all of them"):
-        prepare_argv("train", ["model=tiny"], check_config)
+        prepare_run("train", ["model=tiny"], check_config)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
-    argv, _ = prepare_argv("train", ["model=tiny"], check_config)
-    assert "hydra.run.dir=outputs/torchrun-job7" in argv and "hydra.job.name=train_ddp_process_1" in argv
+    cfg, _ = prepare_run("train", ["model=tiny"], check_config)
+    assert cfg.hydra.run.dir == "outputs/torchrun-job7" and cfg.hydra.job.name == "train_ddp_process_1"
     assert not (tmp_path / "outputs").exists()  # a rank > 0 creates no run dir
 
 

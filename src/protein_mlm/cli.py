@@ -1,33 +1,36 @@
-"""The `@hydra.main` edge: find the configs, check the command line before Hydra runs, report user errors.
+"""The command-line edge: compose and check a run once, before anything is written, and run it on that config;
+report user errors in one line (exit 2).
 
-Hydra prints multi-line errors (and tracebacks, e.g. for a run dir it cannot create) before any project
-code runs. So the overrides are composed and checked here first; a bad one ends with one line and exit 2.
+Hydra prints multi-line errors (and tracebacks, e.g. for a run dir it cannot create) before any project code
+runs; so a single run is composed and checked here and handed to Hydra's job runner as composed (run dir,
+logging, .hydra/ record), never composed a second time. Sweeps and Hydra's own modes (--help, --cfg) go to
+`@hydra.main`, each sweep job checking itself.
 """
 
-import importlib.resources
 import logging
 import math
-import os
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra import compose, initialize_config_dir
+from hydra._internal.callbacks import Callbacks
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
-from hydra.types import RunMode
+from hydra.core.utils import run_job
+from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
 
+from protein_mlm.composition import CONFIG_DIR, compose_checked, one_line, packaged_configs
 from protein_mlm.errors import STORAGE_ERRORS, ConfigError, Preempted, TrainingDiverged, UserError, fail
 from protein_mlm.launch import distributed_rank, launched_together, shared_run_id
-from protein_mlm.overrides import nearest_key, override_key
+from protein_mlm.overrides import override_key
 from protein_mlm.reporting.summary import write_status
+from protein_mlm.resume import resume_run
 from protein_mlm.sweep import expand_sweep, job_dir_name, threads_per_parallel_job, warn_short_validation
+
+__all__ = ["CONFIG_DIR", "compose_checked", "resume_run"]  # for callers of the edge (preview.py, tests)
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +40,6 @@ ENDINGS = ((TrainingDiverged, "diverged"), (Preempted, "preempted"))  # status.j
 OmegaConf.register_new_resolver(
     "job_dir_name", lambda overrides, num: job_dir_name(list(overrides), int(num)), replace=True
 )
-
-
-def packaged_configs() -> Path:
-    """The configs installed with the package (configs/ of the checkout under an editable install)."""
-    return Path(str(importlib.resources.files("protein_mlm.configs")))
-
-
-def find_config_dir() -> Path:
-    """$PROTEIN_MLM_CONFIGS, else ./configs when it holds train.yaml (a local copy to edit), else the packaged set."""
-    for candidate in (os.environ.get("PROTEIN_MLM_CONFIGS"), "configs"):
-        if candidate and (Path(candidate) / "train.yaml").is_file():
-            return Path(candidate).resolve()
-    if os.environ.get("PROTEIN_MLM_CONFIGS"):
-        raise SystemExit(f"error: PROTEIN_MLM_CONFIGS={os.environ['PROTEIN_MLM_CONFIGS']} holds no train.yaml")
-    return packaged_configs()
 
 
 def copy_configs_main() -> None:
@@ -64,42 +52,6 @@ def copy_configs_main() -> None:
         f"copied the configs to {target}; runs from {target.parent.resolve()} use them "
         f"(elsewhere: PROTEIN_MLM_CONFIGS={target.resolve()})"
     )
-
-
-CONFIG_DIR = find_config_dir()
-
-
-def _one_line(error: BaseException) -> str:
-    """An exception's message on one line, without OmegaConf's key/type trailer lines."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "Set the environment"))]
-    return " ".join(lines) or type(error).__name__
-
-
-def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose like Hydra will, turning composition errors into one-line ConfigErrors."""
-    try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name, overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_unknown_key_message(config_name, overrides, e) or f"{_one_line(e)} (see --help)") from None
-
-
-def _unknown_key_message(config_name: str, overrides: list[str], error: BaseException) -> str | None:
-    """For an override of a key that does not exist: name it and the nearest existing key."""
-    match = re.search(r"Could not override '([^']+)'", str(error))
-    if not match:
-        return None
-    key = match.group(1)
-    rest = [o for o in overrides if override_key(o) != key]
-    try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name, overrides=rest)
-    except (HydraException, OmegaConfBaseException):
-        return None
-    near = nearest_key(key, OmegaConf.to_container(cfg, resolve=False))
-    hint = f"did you mean {near}?" if near else "list the keys with --cfg job"
-    return f"{key} is not a config key; {hint} (to add a new key on purpose, write +{key}=...)"
 
 
 # What another rank's Hydra may have written into the shared run dir before rank 0 checks it: its log file.
@@ -125,52 +77,6 @@ def make_run_dir(requested: str, explicit: bool) -> str:
             )
         return str(path)
     raise ConfigError(f"too many runs named {base}-N; choose another hydra.run.dir")
-
-
-def resume_argv(argv: list[str]) -> list[str]:
-    """`resume=<run dir>`: that run's overrides, then the new ones, continuing from its last.ckpt in the same
-    dir (so the same TensorBoard run); Hydra writes this invocation's config to .hydra/resume-<time>/."""
-    run_dir = Path(next(a for a in reversed(argv) if override_key(a) == "resume").split("=", 1)[1])
-    last = run_dir / "checkpoints" / "last.ckpt"
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    if not last.is_file() or not overrides_file.is_file():
-        raise ConfigError(
-            f"resume={run_dir} is not a run dir with checkpoints/last.ckpt and .hydra/overrides.yaml; "
-            "pass the dir of a train.py run that saved a checkpoint (or use ckpt_path=<file>)"
-        )
-    pinned = {"resume", "ckpt_path", "hydra.run.dir", "hydra.output_subdir"}
-    saved = OmegaConf.to_container(OmegaConf.load(overrides_file), resolve=False)  # keep ${...} as written
-    original = [str(o) for o in saved if override_key(str(o)) not in pinned]
-    new = [a for a in argv if override_key(a) not in pinned]
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return [
-        *original,
-        *resolved_at_start(run_dir),
-        *new,
-        f"ckpt_path={last}",
-        f"hydra.run.dir={run_dir}",
-        f"hydra.output_subdir=.hydra/resume-{stamp}",
-    ]
-
-
-def resolved_at_start(run_dir: Path) -> list[str]:
-    """What `data.packing=auto` resolved to when the run started (its config.yaml), so a resume on another machine
-    trains the batches it started with."""
-    saved = run_dir / "config.yaml"
-    packing = OmegaConf.select(OmegaConf.load(saved), "data.packing") if saved.is_file() else None
-    return [f"data.packing={str(packing).lower()}"] if isinstance(packing, bool) else []
-
-
-def check_saved_overrides(config_name: str, argv: list[str]) -> None:
-    """A run dir's saved overrides must still compose (a key renamed or removed since the run started)."""
-    run_dir = Path(next(a for a in argv if override_key(a) == "hydra.run.dir").split("=", 1)[1])
-    saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"), resolve=False)
-    try:
-        compose_checked(config_name, [str(o) for o in saved])
-    except ConfigError as e:
-        raise ConfigError(
-            f"resume={run_dir}: an override saved in {run_dir}/.hydra/overrides.yaml no longer fits this version: {e}"
-        ) from None
 
 
 def check_sweep(config_name: str, overrides: list[str], check) -> None:
@@ -206,31 +112,35 @@ def check_multirun_processes(cfg: DictConfig) -> None:
         )
 
 
-def prepare_argv(config_name: str, argv: list[str], check) -> tuple[list[str], Any]:
-    """Check a single run's overrides and pin its (unique, created) run dir; leave flags to Hydra. Returns the
-    command line for Hydra and what the check returned for the run (its plan), to hand to the task; None where
-    each job checks itself: sweeps (a job may run on another machine), Hydra's own modes and DDP children."""
+def prepare_run(config_name: str, argv: list[str], check) -> tuple[DictConfig | None, Any]:
+    """Compose a single run once, check it (rank 0) and pin its created run dir. Returns the config to run and what
+    the check returned (its plan) for the task; (None, None) leaves the command line to `@hydra.main`: sweeps (each
+    job checks itself, and may run on another machine) and Hydra's own modes. Other ranks follow rank 0's run dir
+    unchecked (the task checks them)."""
     flags = [arg for arg in argv if arg.startswith("-")]
     if flags and set(flags) <= {"-m", "--multirun"}:
         check_sweep(config_name, [arg for arg in argv if arg not in flags], check)
-        return argv, None
+        return None, None
     if flags:
-        return argv, None  # --help, --cfg, --info …: Hydra's own modes
+        return None, None  # --help, --cfg, --info …: Hydra's own modes
     argv = shared_run_dir(config_name, argv)
-    if distributed_rank() > 0:
-        # Another rank: rank 0 checks the config and creates (and checks) the run dir; this one only follows it.
-        return peer_argv(argv), None
-    if any(override_key(arg) == "resume" for arg in argv):
-        argv = resume_argv(argv)
-        check_saved_overrides(config_name, argv)
-        return argv, check(compose_checked(config_name, argv))
+    rank = distributed_rank()
+    if rank > 0:
+        argv = peer_argv(argv)
+    resume = [arg for arg in argv if override_key(arg) == "resume"]
+    if resume:
+        cfg = resume_run(resume[-1].split("=", 1)[1], argv, config_name)
+        return cfg, (check(cfg) if rank == 0 else None)
     cfg = compose_checked(config_name, argv)
+    if rank > 0:
+        return cfg, None
     checked = check(cfg)
     if cfg.hydra.get("mode") == RunMode.MULTIRUN:  # e.g. hparams_search=optuna: jobs go to the sweep dir
-        return argv, None
+        return None, None
     explicit = any(override_key(arg) == "hydra.run.dir" for arg in argv)
-    run_dir = make_run_dir(cfg.hydra.run.dir, explicit)
-    return [a for a in argv if override_key(a) != "hydra.run.dir"] + [f"hydra.run.dir={run_dir}"], checked
+    with open_dict(cfg):
+        cfg.hydra.run.dir = make_run_dir(cfg.hydra.run.dir, explicit)
+    return cfg, checked
 
 
 def shared_run_dir(config_name: str, argv: list[str]) -> list[str]:
@@ -248,10 +158,8 @@ def shared_run_dir(config_name: str, argv: list[str]) -> list[str]:
 
 
 def peer_argv(argv: list[str]) -> list[str]:
-    """A rank > 0 started by torchrun or srun (not by Lightning, which pins all of this itself): rank 0's resume
-    rewrite, and Hydra's output for this rank as Lightning names it (its log file; no second .hydra/)."""
-    if any(override_key(a) == "resume" for a in argv):
-        argv = resume_argv(argv)
+    """A rank > 0 started by torchrun or srun (not by Lightning, which pins all of this itself): Hydra's output for
+    this rank as Lightning names it (its log file; no second .hydra/)."""
     if any(override_key(a) == "hydra.output_subdir" and a.endswith("=null") for a in argv):
         return argv  # a child Lightning started: rank 0's command line, pinned already
     rank = distributed_rank()
@@ -280,31 +188,42 @@ def run_task(task, cfg: DictConfig, checked: Any = None) -> float:
     except Exception as e:
         status = next((name for kind, name in ENDINGS if isinstance(e, kind)), "failed")
         if distributed_rank() == 0 and Path(cfg.paths.output_dir).is_dir():
-            write_status(cfg.paths.output_dir, status, step=getattr(e, "step", None), message=_one_line(e))
+            write_status(cfg.paths.output_dir, status, step=getattr(e, "step", None), message=one_line(e))
         if not multirun:
             if isinstance(e, UserError):
                 fail(str(e))
             raise
-        log.error("job %s: %s", status, _one_line(e))
+        log.error("job %s: %s", status, one_line(e))
         return math.inf
     return metrics.get("val/best_loss", math.inf)
 
 
 def run(config_name: str, task, check) -> None:
-    """Run `task(cfg)` under `@hydra.main` with one-line errors for anything the user can fix; the config is
-    checked once, here, and what `check` returned goes to the task (Hydra composes the same command line)."""
-    checked = None
-
-    @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
-    def _main(cfg: DictConfig) -> float:
-        return run_task(task, cfg, checked)
-
+    """Run `task` on the config composed and checked once, here, with one-line errors for anything the user can
+    fix; what `check` returned (the plan) goes to the task. Sweeps and Hydra's own modes run under `@hydra.main`."""
     try:
-        argv, checked = prepare_argv(config_name, sys.argv[1:], check)
+        cfg, checked = prepare_run(config_name, sys.argv[1:], check)
     except UserError as e:
         fail(str(e))
-    sys.argv = sys.argv[:1] + argv
-    _main()
+    if cfg is None:
+        hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(
+            lambda job_cfg: run_task(task, job_cfg)
+        )()
+        return
+    run_composed(cfg, lambda job_cfg: run_task(task, job_cfg, checked))
+
+
+def run_composed(cfg: DictConfig, task_function) -> None:
+    """Hydra's single-run path (`Hydra.run`) on a config already composed: the run dir, logging, the .hydra/ record
+    and `HydraConfig` (Lightning's DDP launcher reads it) as `@hydra.main` sets them, without composing again."""
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.RUN
+    callbacks = Callbacks(cfg)
+    callbacks.on_run_start(config=cfg, config_name=cfg.hydra.job.config_name)
+    context = HydraContext(config_loader=None, callbacks=callbacks)
+    job = run_job(task_function, cfg, job_dir_key="hydra.run.dir", job_subdir_key=None, hydra_context=context)
+    callbacks.on_run_end(config=cfg, config_name=cfg.hydra.job.config_name, job_return=job)
+    _ = job.return_value  # re-raises the task's exception
 
 
 def train_main() -> None:

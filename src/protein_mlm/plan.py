@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from protein_mlm.errors import ConfigError
 from protein_mlm.launch import local_device
@@ -42,6 +42,23 @@ class RunPlan:
     no_decay_bias_and_norm: bool  # biases and LayerNorm weights skip weight decay
     lr_scheduler: dict[str, Any]  # Lightning's lr_scheduler keys (interval, frequency, name)
     schedule_label: str  # the schedule in one line, for plots
+
+
+# The config keys whose `auto` the plan resolves, and the RunPlan field holding what it resolved to: config.yaml
+# records these values (record_resolved), so a resume on another machine runs what the run started with.
+RESOLVED_KEYS = {
+    "trainer.precision": "precision",
+    "model.compile": "compile",
+    "data.packing": "packing",
+    "data.num_workers": "num_workers",
+}
+
+
+def record_resolved(cfg: DictConfig, plan: RunPlan) -> None:
+    """Write the plan's value of every RESOLVED_KEYS key into `cfg` (no `auto` left), before config.yaml is saved."""
+    with open_dict(cfg):
+        for key, field in RESOLVED_KEYS.items():
+            OmegaConf.update(cfg, key, getattr(plan, field), merge=False)
 
 
 def resolve_compile(setting: bool | str, max_steps: int, on_gpu: bool) -> bool:

@@ -3,7 +3,7 @@ as training; multirun-style lists (scheduler=inverse_sqrt,linear) give one curve
 
 from pathlib import Path
 
-from protein_mlm.cli import compose_checked
+from protein_mlm.composition import compose_checked
 from protein_mlm.overrides import override_key
 from protein_mlm.plan import build_schedule, schedule_label
 from protein_mlm.reporting.lr_plan import plot_lr_curves

@@ -15,7 +15,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from protein_mlm.errors import Preempted
 from protein_mlm.launch import launched_together
-from protein_mlm.plan import RunPlan, plan_rows
+from protein_mlm.plan import RunPlan, plan_rows, record_resolved
 from protein_mlm.preflight import check_config
 from protein_mlm.reporting.console import route_records, silence_lightning_noise
 from protein_mlm.reporting.lr_plan import audit_logged_lrs, planned_lrs, plot_lr_curves
@@ -95,7 +95,7 @@ def train(cfg: DictConfig, plan: RunPlan | None = None) -> dict[str, float]:
         torch.set_num_threads(cfg.num_threads)
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
-    cfg.data.packing, cfg.data.num_workers = plan.packing, plan.num_workers  # config.yaml records what ran
+    record_resolved(cfg, plan)  # config.yaml records what every `auto` resolved to: a resume restores it
     main_process = is_rank_zero()  # only rank 0 writes the run dir's files and prints; every rank trains
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
