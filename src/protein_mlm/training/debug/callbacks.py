@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from protein_mlm.data.loader import POSITION_KEY
+from protein_mlm.training.stopping import STOP
 
 
 class Interrupt(pl.Callback):
@@ -39,6 +41,22 @@ class Interrupt(pl.Callback):
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         if self.in_validation and not trainer.sanity_checking and trainer.global_step == self.at_step:
             self._send()
+
+
+class AwaitSignal(pl.Callback):
+    """At the start of update `at_step` on global rank `rank`, write this process's id to `pid_file` and wait (at
+    most `timeout_s`) until a stop signal arrives: another process sends it at a known update."""
+
+    def __init__(self, at_step: int, pid_file: str, rank: int = 0, timeout_s: float = 120.0):
+        self.at_step, self.pid_file, self.rank, self.timeout_s = at_step, Path(pid_file), rank, timeout_s
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        if trainer.global_step != self.at_step or pl_module.window.pending or trainer.global_rank != self.rank:
+            return
+        self.pid_file.write_text(str(os.getpid()))
+        deadline = time.monotonic() + self.timeout_s
+        while not STOP.received and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def batch_digest(batch: dict[str, Any]) -> str:
