@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -109,6 +110,27 @@ def rewind_to_last_update(checkpoint: dict[str, Any], pending_micro_batches: int
         fit["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
 
+def save_together(trainer: pl.Trainer, path: str | Path) -> None:
+    """`trainer.save_checkpoint`, except that under DDP the ranks meet in an all-reduce of "did this rank fail" in
+    place of Lightning's closing barrier: a rank that fails while saving stops the others at once, where the
+    barrier would keep them waiting for it until the process group's timeout (30 min)."""
+    if trainer.world_size == 1:
+        trainer.save_checkpoint(path)
+        return
+    error = None
+    try:
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+        trainer.strategy.save_checkpoint(checkpoint, path)  # rank 0 writes
+    except Exception as e:
+        error = e
+    failed = torch.tensor(float(error is not None), device=trainer.strategy.root_device)
+    failed = trainer.strategy.reduce(failed, reduce_op="sum")
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise RuntimeError(f"{int(failed.item())} other rank(s) failed while saving {path}; see their logs")
+
+
 class StopRequested(SIGTERMException):
     """Raised on every rank at the update boundary where the run stops for `signum` (Lightning lets it through)."""
 
@@ -180,7 +202,7 @@ class ResumeCheckpoint(pl.Callback):
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.window.read()  # logged and judged before the guard's state is saved
         self._pending = pl_module.window.pending
-        trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes
+        save_together(trainer, self.path)  # every rank calls it; rank 0 writes
         self._saved_step, self._validated = trainer.global_step, False
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

@@ -59,6 +59,17 @@ class AwaitSignal(pl.Callback):
             time.sleep(0.01)
 
 
+class FailingSave(pl.Callback):
+    """Raise on global rank `rank` while the checkpoint of update `at_step` is being made (a rank failing mid-save)."""
+
+    def __init__(self, at_step: int, rank: int = 1):
+        self.at_step, self.rank = at_step, rank
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.global_step == self.at_step and trainer.global_rank == self.rank:
+            raise RuntimeError(f"injected failure on rank {self.rank} while saving step {self.at_step}")
+
+
 def batch_digest(batch: dict[str, Any]) -> str:
     """A short digest of a batch's token ids and labels: equal digests, equal training content."""
     digest = hashlib.blake2b(digest_size=8)
