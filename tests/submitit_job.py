@@ -22,7 +22,8 @@ class Job:
 
 
 if __name__ == "__main__":
-    folder = sys.argv.pop(1)
+    folder = Path(sys.argv.pop(1))
+    folder.mkdir(parents=True, exist_ok=True)  # made by submitit at submission
     sys.argv[0] = str(Path(__file__).resolve().parents[1] / "train.py")
     delayed = DelayedSubmission(Job())
     delayed.set_timeout(60, 3)

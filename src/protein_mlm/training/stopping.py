@@ -98,7 +98,10 @@ def requeue(signum: int) -> str:
     scontrol (a warning: the checkpoint is saved, the user can resubmit)."""
     handler = STOP.submitit_requeue()
     if handler is not None:
-        handler(signum, None)  # requeues and exits (SystemExit), as submitit would have on the signal itself
+        try:  # requeues and exits (SystemExit), as submitit would have on the signal itself
+            handler(signum, None)
+        except Exception as e:  # it refuses past hydra.launcher.max_num_timeout requeues after a time limit
+            return f"not requeued by submitit ({' '.join(str(e).split())[:200]})"
         return "requeued by submitit"
     job = slurm_job_id()
     if job is None:
