@@ -310,7 +310,10 @@ def test_lightnings_slurm_auto_requeue_is_off(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "1")
     plugins = trainer_plugins(compose_config("model=tiny"))
     assert [p.auto_requeue for p in plugins if isinstance(p, SLURMEnvironment)] == [False]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "7")  # torchrun inside the job: Lightning's TorchElasticEnvironment
+    assert not any(isinstance(p, SLURMEnvironment) for p in trainer_plugins(compose_config("model=tiny")))
     monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert not any(isinstance(p, SLURMEnvironment) for p in trainer_plugins(compose_config("model=tiny")))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from lightning_fabric.plugins.environments import SLURMEnvironment
+from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -96,7 +96,9 @@ def trainer_plugins(cfg: DictConfig) -> list:
     """The configured plugins; under SLURM also Lightning's SLURM environment without its auto-requeue, so its
     SIGUSR1 handler and `hpc_ckpt_N.ckpt` files never make a second checkpoint family beside last.ckpt."""
     plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
-    if SLURMEnvironment.detect() and not any(isinstance(p, SLURMEnvironment) for p in plugins):
+    # Lightning's own choice first: torchrun inside a SLURM job keeps TorchElasticEnvironment.
+    slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
+    if slurm and not any(isinstance(p, ClusterEnvironment) for p in plugins):
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
 
