@@ -26,7 +26,7 @@ from protein_mlm.reporting.tables import print_config_tree, print_plan, print_su
 from protein_mlm.reporting.tblog import read_scalars
 from protein_mlm.training.metering import ThroughputMeter
 from protein_mlm.training.module import MaskedLMModule
-from protein_mlm.training.stopping import REQUEUE_SIGNALS, STOP, requeue
+from protein_mlm.training.stopping import REQUEUE_SIGNALS, STOP, requeue, slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ def stopped(trainer: pl.Trainer, run_dir: Path, signum: int) -> Preempted:
         write_status(run_dir, "preempted", step=step, message=message)  # submitit's requeue exits the process
         message += f"; {requeue(signum)}"
     then = f"continue with resume={run_dir}" if saved else "start it again"
-    return Preempted(step, f"{message}; {then} (a requeued SLURM job continues by itself)")
+    if slurm_job_id() is not None:
+        then += " (a requeued SLURM job does so by itself)"
+    return Preempted(step, f"{message}; {then}")
 
 
 def train(cfg: DictConfig, plan: RunPlan | None = None) -> dict[str, float]:
