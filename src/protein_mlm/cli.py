@@ -9,6 +9,7 @@ logging, .hydra/ record), never composed a second time. Sweeps and Hydra's own m
 
 import logging
 import math
+import os
 import re
 import shutil
 import sys
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from protein_mlm.composition import CONFIG_DIR, compose_checked, one_line, packaged_configs
 from protein_mlm.errors import STORAGE_ERRORS, ConfigError, Preempted, TrainingDiverged, UserError, fail
-from protein_mlm.launch import distributed_rank, launched_together, shared_run_id
+from protein_mlm.launch import distributed_rank, launched_together, shared_run_id, slurm_batch_job, slurm_restarted
 from protein_mlm.overrides import override_key
 from protein_mlm.reporting.summary import write_status
 from protein_mlm.resume import resume_run
@@ -58,8 +59,9 @@ def copy_configs_main() -> None:
 RANK_OUTPUT = re.compile(r"\w+_ddp_process_\d+\.log")
 
 
-def make_run_dir(requested: str, explicit: bool) -> str:
-    """Create the run dir now; a default one gets a -1, -2 … suffix when a run in the same second took it."""
+def make_run_dir(requested: str, explicit: bool, reuse: bool = False) -> str:
+    """Create the run dir now; a default one gets a -1, -2 … suffix when a run in the same second took it. `reuse`:
+    a requeued job's dir that holds no checkpoint yet (its earlier attempt's files only) starts the run there."""
     base = Path(requested)
     candidates = [base] if explicit else [base] + [Path(f"{base}-{i}") for i in range(1, 1000)]
     for path in candidates:
@@ -71,7 +73,7 @@ def make_run_dir(requested: str, explicit: bool) -> str:
             raise ConfigError(
                 f"cannot create the run dir {path} ({e.strerror}); choose a writable hydra.run.dir or paths.log_dir"
             ) from None
-        if explicit and any(not RANK_OUTPUT.fullmatch(p.name) for p in path.iterdir()):
+        if explicit and not reuse and any(not RANK_OUTPUT.fullmatch(p.name) for p in path.iterdir()):
             raise ConfigError(
                 f"run dir {path} already holds files; choose a new hydra.run.dir so nothing is overwritten"
             )
@@ -123,7 +125,7 @@ def prepare_run(config_name: str, argv: list[str], check) -> tuple[DictConfig | 
         return None, None
     if flags:
         return None, None  # --help, --cfg, --info …: Hydra's own modes
-    argv = shared_run_dir(config_name, argv)
+    argv = requeued_argv(shared_run_dir(config_name, argv))
     rank = distributed_rank()
     if rank > 0:
         argv = peer_argv(argv)
@@ -139,14 +141,44 @@ def prepare_run(config_name: str, argv: list[str], check) -> tuple[DictConfig | 
         return None, None
     explicit = any(override_key(arg) == "hydra.run.dir" for arg in argv)
     with open_dict(cfg):
-        cfg.hydra.run.dir = make_run_dir(cfg.hydra.run.dir, explicit)
+        cfg.hydra.run.dir = make_run_dir(cfg.hydra.run.dir, explicit, reuse=slurm_restarted())
     return cfg, checked
+
+
+def requeued_checkpoint(run_dir: str | Path) -> Path | None:
+    """In a requeued SLURM job: the last.ckpt its earlier attempt left in `run_dir`, which the job continues from."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    return last if slurm_restarted() and last.is_file() else None
+
+
+def requeued_argv(argv: list[str]) -> list[str]:
+    """A requeued SLURM job runs its byte-identical command again: where its run dir holds last.ckpt, continue as
+    `resume=<run dir>` would (never start over in it); where it holds none, the run starts there."""
+    run_dir = next((a.split("=", 1)[1] for a in reversed(argv) if override_key(a) == "hydra.run.dir"), None)
+    if run_dir is None or any(override_key(a) == "resume" for a in argv) or not requeued_checkpoint(run_dir):
+        return argv
+    log.info("requeued SLURM job %s: continuing from %s/checkpoints/last.ckpt", os.environ["SLURM_JOB_ID"], run_dir)
+    # The command is the one the run dir's overrides were saved from: resume= replays them (given twice, an
+    # override that adds a key, +key=..., would be refused).
+    return [f"resume={run_dir}"]
+
+
+def continue_requeued_job(cfg: DictConfig) -> None:
+    """The same for a job submitit requeued (hydra/launcher=slurm): it runs the job's pickled config again, so the
+    run continues from its dir's last.ckpt unless a checkpoint was given."""
+    last = requeued_checkpoint(cfg.paths.output_dir) if cfg.get("ckpt_path") is None else None
+    if last is not None:
+        log.info("requeued SLURM job %s: continuing from %s", os.environ["SLURM_JOB_ID"], last)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(last)
 
 
 def shared_run_dir(config_name: str, argv: list[str]) -> list[str]:
     """Processes started by torchrun or srun must all name the same run dir: a default one resolves `${now}` in
-    each process (on each node), so it comes from the launcher's job id (SLURM, torchrun --rdzv-id) or is given."""
-    if not launched_together() or any(override_key(a) in ("hydra.run.dir", "resume") for a in argv):
+    each process (on each node), so it comes from the launcher's job id (SLURM, torchrun --rdzv-id) or is given.
+    A SLURM batch job names it by its job id even as one process, so a requeue of the job finds it again."""
+    together = launched_together() or slurm_batch_job()
+    if not together or any(override_key(a) in ("hydra.run.dir", "resume") for a in argv):
         return argv
     run_id = shared_run_id()
     if run_id is None:
@@ -231,7 +263,11 @@ def train_main() -> None:
     from protein_mlm.preflight import check_config
     from protein_mlm.train import train
 
-    run("train", train, check_config)
+    def train_job(cfg: DictConfig, plan: Any = None) -> dict[str, float]:
+        continue_requeued_job(cfg)  # a multirun job (submitit) that SLURM requeued
+        return train(cfg, plan)
+
+    run("train", train_job, check_config)
 
 
 def eval_main() -> None:

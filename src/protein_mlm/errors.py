@@ -38,7 +38,7 @@ class TrainingDiverged(UserError):
 
 
 class Preempted(UserError):
-    """The run was stopped by SIGTERM (e.g. a preempted or timed-out cluster job) after saving a checkpoint."""
+    """The run was stopped by a stop signal (SIGTERM, SIGUSR1/2: a preempted or timed-out job), after saving."""
 
     def __init__(self, step: int, message: str):
         self.step = step

@@ -41,6 +41,17 @@ def launched_together() -> bool:
     return (_first_int(("NODE_RANK", "GROUP_RANK")) or 0) > 0
 
 
+def slurm_batch_job() -> bool:
+    """Inside a SLURM job that SLURM may requeue (not an interactive `srun --pty bash` / salloc shell; Lightning's
+    rule for its SLURM environment)."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def slurm_restarted() -> bool:
+    """A SLURM job started again after a requeue: same job id and command, SLURM_RESTART_COUNT >= 1."""
+    return slurm_batch_job() and (_first_int(("SLURM_RESTART_COUNT",)) or 0) >= 1
+
+
 def shared_run_id() -> str | None:
     """An id every node of this launch sees alike (SLURM's job id, torchrun's --rdzv-id), or None."""
     if os.environ.get("SLURM_JOB_ID"):

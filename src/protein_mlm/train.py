@@ -2,12 +2,14 @@
 
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from lightning_fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -24,6 +26,7 @@ from protein_mlm.reporting.tables import print_config_tree, print_plan, print_su
 from protein_mlm.reporting.tblog import read_scalars
 from protein_mlm.training.metering import ThroughputMeter
 from protein_mlm.training.module import MaskedLMModule
+from protein_mlm.training.stopping import REQUEUE_SIGNALS, STOP, requeue, slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +87,46 @@ def audit_run(plan: RunPlan, run_dir: Path, steps_done: int) -> str:
     return problem
 
 
+def trainer_plugins(cfg: DictConfig) -> list:
+    """The configured plugins; under SLURM also Lightning's SLURM environment without its auto-requeue, so its
+    SIGUSR1 handler and `hpc_ckpt_N.ckpt` files never make a second checkpoint family beside last.ckpt."""
+    plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
+    # Lightning's own choice first: torchrun inside a SLURM job keeps TorchElasticEnvironment.
+    slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
+    if slurm and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
+def stopped(trainer: pl.Trainer, run_dir: Path, signum: int) -> Preempted:
+    """The run stopped for a stop signal (its last.ckpt saved): requeue the job on rank 0 where the signal asks for
+    it, and say how it continues."""
+    name, step = signal.Signals(signum).name, trainer.global_step
+    saved = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    what = "saved checkpoints/last.ckpt" if saved else "before its first update, nothing saved"
+    message = f"stopped by {name} after step {step}; {what}"
+    if trainer.is_global_zero and signum in REQUEUE_SIGNALS:
+        write_status(run_dir, "preempted", step=step, message=message)  # submitit's requeue exits the process
+        message += f"; {requeue(signum)}"
+    then = f"continue with resume={run_dir}" if saved else "start it again"
+    if slurm_job_id() is not None:
+        then += " (a requeued SLURM job does so by itself)"
+    return Preempted(step, f"{message}; {then}")
+
+
 def train(cfg: DictConfig, plan: RunPlan | None = None) -> dict[str, float]:
     """Train as the config says, by the plan `check_config(cfg)` made (the CLI's; made here when not given);
     return the final validation metrics."""
     silence_lightning_noise()
     route_records()
+    STOP.install()  # from here on a stop signal is remembered, not fatal: the run stops at its first chance
+    try:
+        return _train(cfg, plan)
+    finally:
+        STOP.uninstall()
+
+
+def _train(cfg: DictConfig, plan: RunPlan | None) -> dict[str, float]:
     plan = plan or check_config(cfg)  # checked and resolved once; everything below reads `plan`
     started = time.monotonic()
     if cfg.get("num_threads"):
@@ -128,6 +166,7 @@ def train(cfg: DictConfig, plan: RunPlan | None = None) -> dict[str, float]:
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers,
+        plugins=trainer_plugins(cfg),
         precision=plan.precision,
         accumulate_grad_batches=plan.accumulate,
         # Lightning counts micro-batches; the config counts updates, so validation never lands inside a window.
@@ -141,12 +180,8 @@ def train(cfg: DictConfig, plan: RunPlan | None = None) -> dict[str, float]:
         )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except SIGTERMException:
-        raise Preempted(
-            trainer.global_step,
-            f"stopped by SIGTERM after step {trainer.global_step}; saved checkpoints/last.ckpt; "
-            f"continue with resume={run_dir}",
-        ) from None
+    except SIGTERMException as e:
+        raise stopped(trainer, run_dir, getattr(e, "signum", signal.SIGTERM)) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["val/unigram_perplexity"] = datamodule.val_unigram_perplexity()

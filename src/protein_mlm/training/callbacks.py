@@ -6,17 +6,18 @@ import math
 import re
 import signal
 import statistics
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from protein_mlm.data.loader import ResumableLoader
 from protein_mlm.errors import TrainingDiverged
 from protein_mlm.reporting.console import stdout_is_terminal
+from protein_mlm.training.stopping import STOP
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +110,45 @@ def rewind_to_last_update(checkpoint: dict[str, Any], pending_micro_batches: int
         fit["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
 
+def save_together(trainer: pl.Trainer, path: str | Path) -> None:
+    """`trainer.save_checkpoint`, except that under DDP the ranks meet in an all-reduce of "did this rank fail" in
+    place of Lightning's closing barrier: a rank that fails while saving stops the others at once, where the
+    barrier would keep them waiting for it until the process group's timeout (30 min)."""
+    if trainer.world_size == 1:
+        trainer.save_checkpoint(path)
+        return
+    error = None
+    try:
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+        trainer.strategy.save_checkpoint(checkpoint, path)  # rank 0 writes
+    except Exception as e:
+        error = e
+    failed = torch.tensor(float(error is not None), device=trainer.strategy.root_device)
+    failed = trainer.strategy.reduce(failed, reduce_op="sum")
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise RuntimeError(f"{int(failed.item())} other rank(s) failed while saving {path}; see their logs")
+
+
+class StopRequested(SIGTERMException):
+    """Raised on every rank at the update boundary where the run stops for `signum` (Lightning lets it through)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class ResumeCheckpoint(pl.Callback):
     """`last.ckpt`, the one checkpoint `resume=` continues from, always the newest and always at an update boundary.
 
     Written at the start of the batch after an update (so every hook of that update, validation included, has
-    run): every `every_n_train_steps` updates, after each validation, on SIGTERM, and when training ends. A
-    SIGTERM (SLURM sends it before the time limit) is acted on at the next micro-batch: the checkpoint points at
-    the current window's start, the window's partial gradients are dropped, and the run stops at once. Under DDP
-    all ranks stop together at an update boundary a few updates later (training.agreement: no collective of its
-    own). A SIGTERM during a validation lets that validation finish first: it belongs to the update before it.
+    run): every `every_n_train_steps` updates, after each validation, on a stop signal, and when training ends. A
+    stop signal (SIGTERM, SIGUSR1, SIGUSR2: training.stopping) is acted on at the next micro-batch: the checkpoint
+    points at the current window's start, the window's partial gradients are dropped, and the run stops at once.
+    Under DDP all ranks stop together at an update boundary a few updates later (training.agreement: no collective
+    of its own). A signal during a validation lets that validation finish first: it belongs to the update before
+    it. A signal during setup stops the run before its first update, with nothing new to save.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 100, filename: str = "last.ckpt"):
@@ -126,25 +157,31 @@ class ResumeCheckpoint(pl.Callback):
         self._saved_step = -1
         self._validated = False
         self._pending: int | None = None  # micro-batches of the open window, while this callback saves
-        self.sigterm = False
+        self._before_start: int | None = None  # the stop signal all ranks agree came during setup
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_step = trainer.global_step  # the state it resumed from is on disk already
         if trainer.world_size > 1 and hasattr(trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor"):
             # Lightning broadcasts rank 0's SIGTERM flag and reads it on the host before every micro-batch; the
-            # ranks agree on a SIGTERM with each update's all-reduce instead (_stop_now).
+            # ranks agree on a stop signal with each update's all-reduce instead (_stop_now).
             trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
-        if threading.current_thread() is threading.main_thread():
+        # In place of Lightning's SIGTERM handler, which would raise at the end of this batch or inside a validation
+        # (we stop at an update instead) and broadcast from inside the signal handler. One that came since fit began
+        # is in STOP already: Lightning's flag for it must not raise either.
+        STOP.take_over()
+        trainer._signal_connector.received_sigterm = False
+        launcher = trainer.strategy.launcher
 
-            def on_sigterm(signum, frame):
-                # In place of Lightning's handler, which would raise at the end of this batch or inside a
-                # validation (we stop at an update instead) and broadcast from inside the signal handler.
-                launcher = trainer.strategy.launcher
-                if not self.sigterm and launcher is not None:
-                    launcher.kill(signum)  # forward it to the DDP children this process started, as Lightning does
-                self.sigterm = pl_module.stop_requested = True  # the module votes with its next update's totals
+        def on_signal(signum: int) -> None:
+            if pl_module.stop_signal is None and launcher is not None:
+                launcher.kill(signum)  # forward it to the DDP children this process started, as Lightning does
+            pl_module.stop_signal = STOP.signum  # the module votes with its next update's totals
 
-            signal.signal(signal.SIGTERM, on_sigterm)
+        STOP.listeners.append(on_signal)
+        pl_module.stop_signal = STOP.signum  # one that came during setup
+        self._before_start = pl_module.stop_signal
+        if trainer.world_size > 1:  # one blocking vote, once: all ranks stop before the first update, or none
+            self._before_start = pl_module.agreement.agree_now(pl_module.stop_signal, pl_module.device)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -154,10 +191,10 @@ class ResumeCheckpoint(pl.Callback):
         at_boundary = pl_module.window.pending == 0
         stop = self._stop_now(trainer, pl_module, at_boundary)  # every rank decides alike at the same micro-batch
         due = trainer.global_step % self.every_n_train_steps == 0 or self._validated
-        if stop or (at_boundary and due and trainer.global_step > self._saved_step):
-            self.save(trainer, pl_module)
+        if (stop or (at_boundary and due)) and (trainer.global_step > self._saved_step or self._validated):
+            self.save(trainer, pl_module)  # never over a checkpoint of the same state (a stop before any update)
         if stop:
-            raise SIGTERMException()
+            raise StopRequested(stop)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer, pl_module)
@@ -165,7 +202,7 @@ class ResumeCheckpoint(pl.Callback):
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.window.read()  # logged and judged before the guard's state is saved
         self._pending = pl_module.window.pending
-        trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes
+        save_together(trainer, self.path)  # every rank calls it; rank 0 writes
         self._saved_step, self._validated = trainer.global_step, False
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -173,12 +210,15 @@ class ResumeCheckpoint(pl.Callback):
             rewind_to_last_update(checkpoint, self._pending, trainer.val_check_batch)
             self._pending = None
 
-    def _stop_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_boundary: bool) -> bool:
-        """One process: at once. DDP: a SIGTERM may reach only some ranks, so each rank's vote travels with the
-        update's all-reduce (training.agreement) and all ranks stop at the same update boundary, a few updates on."""
+    def _stop_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_boundary: bool) -> int | None:
+        """The stop signal to stop for now, or None. One process: at once. DDP: a signal may reach only some ranks,
+        so each rank's vote travels with the update's all-reduce (training.agreement) and all ranks stop at the
+        same update boundary, a few updates on; one that came during setup was agreed on before the first update."""
+        if self._before_start is not None:
+            return self._before_start
         if trainer.world_size == 1:
-            return self.sigterm
-        return at_boundary and pl_module.agreement.stop_agreed(trainer.global_step)
+            return pl_module.stop_signal
+        return pl_module.agreement.stop_agreed(trainer.global_step) if at_boundary else None
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -77,7 +77,7 @@ class MaskedLMModule(pl.LightningModule):
         self.window.subscribe(self._log_updates)
         self._clip_norm: torch.Tensor | None = None  # this update's gradient norm, for clipping
         self.agreement = UpdateAgreement()  # under DDP: each update's totals and stop votes, in one collective
-        self.stop_requested = False  # this rank got a SIGTERM (set by callbacks.ResumeCheckpoint)
+        self.stop_signal: int | None = None  # the stop signal this rank got (set by callbacks.ResumeCheckpoint)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, vocab)
@@ -105,7 +105,7 @@ class MaskedLMModule(pl.LightningModule):
         self.window.add(loss_sum, n_targets, batch[COUNTS_KEY], batch.get(POSITION_KEY))
         if self.trainer.world_size > 1 and self._ends_update():
             # Both totals are known before the backward: their one all-reduce runs while it does.
-            self._totals = self.agreement.start(*self.window.totals(), self.stop_requested, self.window.tokens)
+            self._totals = self.agreement.start(*self.window.totals(), self.stop_signal, self.window.tokens)
         return loss_sum
 
     def _ends_update(self) -> bool:

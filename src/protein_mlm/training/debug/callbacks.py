@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from protein_mlm.data.loader import POSITION_KEY
 from protein_mlm.data.masking import COUNTS_KEY
+from protein_mlm.training.stopping import STOP
 
 
 class Interrupt(pl.Callback):
@@ -40,6 +42,33 @@ class Interrupt(pl.Callback):
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         if self.in_validation and not trainer.sanity_checking and trainer.global_step == self.at_step:
             self._send()
+
+
+class AwaitSignal(pl.Callback):
+    """At the start of update `at_step` on global rank `rank`, write this process's id to `pid_file` and wait (at
+    most `timeout_s`) until a stop signal arrives: another process sends it at a known update."""
+
+    def __init__(self, at_step: int, pid_file: str, rank: int = 0, timeout_s: float = 120.0):
+        self.at_step, self.pid_file, self.rank, self.timeout_s = at_step, Path(pid_file), rank, timeout_s
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        if trainer.global_step != self.at_step or pl_module.window.pending or trainer.global_rank != self.rank:
+            return
+        self.pid_file.write_text(str(os.getpid()))
+        deadline = time.monotonic() + self.timeout_s
+        while not STOP.received and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class FailingSave(pl.Callback):
+    """Raise on global rank `rank` while the checkpoint of update `at_step` is being made (a rank failing mid-save)."""
+
+    def __init__(self, at_step: int, rank: int = 1):
+        self.at_step, self.rank = at_step, rank
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.global_step == self.at_step and trainer.global_rank == self.rank:
+            raise RuntimeError(f"injected failure on rank {self.rank} while saving step {self.at_step}")
 
 
 def batch_digest(batch: dict[str, Any]) -> str:
