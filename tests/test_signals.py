@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from protein_mlm.cli import continue_requeued_job, make_run_dir, prepare_argv, requeued_argv
+from protein_mlm.cli import continue_requeued_job, make_run_dir, prepare_run, requeued_argv
 from protein_mlm.errors import ConfigError
 from protein_mlm.preflight import check_config
 from protein_mlm.reporting.tblog import read_scalars
@@ -301,8 +301,8 @@ def test_a_one_task_slurm_job_names_its_run_dir_by_its_job_id(tmp_path, monkeypa
     """A `${now}` dir would differ in the requeued job, which could then not find its checkpoint."""
     monkeypatch.chdir(tmp_path)
     slurm_job(monkeypatch, restarts=None)
-    argv, _ = prepare_argv("train", ["model=tiny"], check_config)
-    assert argv[-1] == "hydra.run.dir=outputs/slurm-77" and (tmp_path / "outputs" / "slurm-77").is_dir()
+    cfg, _ = prepare_run("train", ["model=tiny"], check_config)
+    assert cfg.hydra.run.dir == "outputs/slurm-77" and (tmp_path / "outputs" / "slurm-77").is_dir()
 
 
 def test_lightnings_slurm_auto_requeue_is_off(monkeypatch):
