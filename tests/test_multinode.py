@@ -175,7 +175,9 @@ def test_a_sigterm_stops_all_ddp_ranks_at_one_update_and_the_run_resumes(tmp_pat
     assert sorted(dict(read_scalars(run_dir)["train/loss"])) == list(range(12))
 
 
-@pytest.mark.parametrize(("devices", "local_rank", "gpu"), [("[2,3]", 0, 2), ("[2,3]", 1, 3), ("2", 1, 1), ("[5]", 0, 5)])
+@pytest.mark.parametrize(
+    ("devices", "local_rank", "gpu"), [("[2,3]", 0, 2), ("[2,3]", 1, 3), ("2", 1, 1), ("[5]", 0, 5)]
+)
 def test_each_rank_reads_the_gpu_it_trains_on_from_a_list_of_device_ids(monkeypatch, devices, local_rank, gpu):
     """trainer.devices=[2,3]: local rank 1 trains on GPU 3, so its precision, packing and MFU peak are GPU 3's,
     and rank 0's memory check reads GPU 2's free memory, never GPU 0's (no context on a GPU the run does not use)."""
