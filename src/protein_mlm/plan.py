@@ -109,16 +109,17 @@ def is_fp16(precision: str | int) -> bool:
 
 
 def loss_divisor(cfg: DictConfig, precision: str | int) -> float:
-    """fp16: the expected target tokens of a micro-batch, so the back-propagated loss is about a token mean.
+    """fp16: the tokens of a micro-batch (its budget), so the back-propagated loss is a per-token mean.
 
     A summed loss over >= 16k targets times GradScaler's initial scale (65,536) overflows fp16 gradients, so the
-    first dozen updates would be skipped while the scale backs off. The module multiplies the factor back in its
-    per-update rescale: the update is the same token mean. One number for every rank and micro-batch, so it folds.
+    first updates were skipped while the scale backed off. Bias gradients sum over every token of the micro-batch, not
+    only the targets: dividing by the targets alone still overflowed one (46k of fp16's 65k at ~19k targets), by all
+    tokens left 3x headroom. The module multiplies the factor back in its per-update rescale, so the update is the
+    same token mean; one number for every rank and micro-batch, so it folds exactly.
     """
     if not is_fp16(precision):
         return 1.0
-    tokens = cfg.data.get("max_tokens") or cfg.data.batch_size * cfg.data.max_length
-    return max(1.0, float(tokens) * cfg.data.get("mask_prob", 0.15))
+    return float(cfg.data.get("max_tokens") or cfg.data.batch_size * cfg.data.max_length)
 
 
 def resolve(cfg: DictConfig) -> RunPlan:
