@@ -295,6 +295,7 @@ def plan_rows(cfg: DictConfig, plan: RunPlan, train_tokens: int | None) -> list[
     steps = plan.max_steps
     last_lr = plan.peak_lr * plan.schedule(steps - 1)
     rows = [
+        *resolved_rows(plan),
         ("model parameters", f"{plan.parameters / 1e6:,.2f} M ({cfg.model.name})"),
         ("validations (after step)", short_list(validation_steps(steps, cfg.trainer.val_check_interval))),
         ("padded tokens per update (at most)", f"{per_update:,}"),
@@ -308,6 +309,38 @@ def plan_rows(cfg: DictConfig, plan: RunPlan, train_tokens: int | None) -> list[
     if zero_shot:
         rows.append(("zero-shot scoring per validation", zero_shot_cost(zero_shot, plan.devices)))
     return rows
+
+
+def attention_path(plan: RunPlan) -> str:
+    """Which attention kernel the batches take: padded SDPA, varlen flash, or a block-diagonal mask."""
+    if not plan.packing:
+        return f"{plan.attention} (padded batches)"
+    if plan.attention != "sdpa":
+        return f"{plan.attention}, packed rows through a block-diagonal mask"
+    if plan.on_gpu and "16" in str(plan.precision) and varlen_available():
+        return "sdpa, packed rows through varlen flash attention"
+    return "sdpa, packed rows through a block-diagonal mask (the reference path)"
+
+
+def resolved_rows(plan: RunPlan) -> list[tuple[str, str]]:
+    """What every `auto` resolved to, and the hardware it was decided for."""
+    if plan.gpu is not None:
+        hardware = str(plan.gpu)
+    elif plan.on_gpu:
+        hardware = "a GPU not visible here: decided again on the machine that trains"
+    else:
+        hardware = "CPU"
+    fused = plan.optimizer.get("fused")
+    return [
+        ("decided for", hardware),
+        ("precision", str(plan.precision)),
+        ("packing", "on" if plan.packing else "off"),
+        ("attention", attention_path(plan)),
+        ("compile", "on" if plan.compile else "off"),
+        ("loader workers per process", str(plan.num_workers)),
+        *([("fused optimizer step", "on" if fused else "off")] if fused is not None else []),
+        ("MFU peak", f"{plan.peak_tflops:g} TFLOP/s" if plan.peak_tflops else "none (no MFU reported)"),
+    ]
 
 
 def zero_shot_cost(zero_shot: DictConfig, devices: int) -> str:

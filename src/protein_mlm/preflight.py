@@ -131,10 +131,10 @@ def check_hardware(cfg: DictConfig, plan: RunPlan) -> None:
             f"trainer.precision={plan.precision} needs native bf16 (compute capability 8.0+) and {where}; "
             "use trainer.precision=auto (16-mixed with loss scaling here)"
         )
-    if plan.packing:
+    if plan.packing and name == "sdpa":  # eager's packed rows take a block-diagonal mask instead
         raise ConfigError(
-            f"data.packing=true needs varlen flash attention (compute capability 8.0+) and {where}; "
-            "use data.packing=false (what auto picks here)"
+            f"data.packing=true with attn_implementation=sdpa needs varlen flash attention (compute capability 8.0+) "
+            f"and {where}; use data.packing=false (what auto picks here)"
         )
     if name == "flash_attention_2":
         raise ConfigError(f"{ATTENTION}=flash_attention_2 needs compute capability 8.0+ and {where}; {USE_SDPA}")
