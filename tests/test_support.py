@@ -2,7 +2,7 @@
 refused with the message it quotes, with the device queries patched and no CUDA context allowed."""
 
 import gzip
-from pathlib import Path
+import math
 
 import pytest
 import torch
@@ -181,5 +181,4 @@ def test_each_cpu_cell_that_works_trains(monkeypatch, tiny_cfg, files, tmp_path,
         given += ["data.num_workers=0"]
     cfg = tiny_cfg(*given, "trainer.max_steps=3", "trainer.val_check_interval=3", "data.max_length=64")
     metrics = train(cfg)
-    assert metrics["steps"] == 3 and metrics["val/loss"] == pytest.approx(metrics["val/loss"])  # finite
-    assert Path(tmp_path / "run" / "checkpoints").is_dir()
+    assert metrics["steps"] == 3 and math.isfinite(metrics["val/loss"])
