@@ -170,9 +170,11 @@ def test_packing_auto_resolves_where_packed_rows_run_fast(monkeypatch, on_gpu, v
 
 
 def test_num_workers_auto_is_zero_on_cpus_and_a_few_per_gpu(monkeypatch):
+    from protein_mlm import launch
     from protein_mlm import plan as plan_module
 
-    monkeypatch.setattr(plan_module.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(16)))
     assert plan_module.resolve_num_workers("auto", on_gpu=False, devices=1) == 0
     assert plan_module.resolve_num_workers("auto", on_gpu=True, devices=1) == plan_module.AUTO_WORKERS
     assert plan_module.resolve_num_workers("auto", on_gpu=True, devices=8) == 1  # 16 cores over 8 ranks

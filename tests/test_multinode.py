@@ -41,7 +41,7 @@ def test_preflight_on_a_nonzero_rank_creates_no_cuda_context(monkeypatch, rank):
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda d: asked.append(d) or type("P", (), {"name": "H200"})
+        torch.cuda, "get_device_properties", lambda d: asked.append(d) or type("P", (), {"name": "NVIDIA H200"})
     )
     cfg = compose_config("model=tiny", "trainer=ddp", "trainer.accelerator=gpu", "trainer.precision=auto")
     plan = check_config(cfg)
@@ -173,3 +173,41 @@ def test_a_sigterm_stops_all_ddp_ranks_at_one_update_and_the_run_resumes(tmp_pat
     result = run_cli(f"resume={run_dir}", "callbacks.interrupt=null", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(dict(read_scalars(run_dir)["train/loss"])) == list(range(12))
+
+
+@pytest.mark.parametrize(
+    ("devices", "local_rank", "gpu"), [("[2,3]", 0, 2), ("[2,3]", 1, 3), ("2", 1, 1), ("[5]", 0, 5)]
+)
+def test_each_rank_reads_the_gpu_it_trains_on_from_a_list_of_device_ids(monkeypatch, devices, local_rank, gpu):
+    """trainer.devices=[2,3]: local rank 1 trains on GPU 3, so its precision, packing and MFU peak are GPU 3's,
+    and rank 0's memory check reads GPU 2's free memory, never GPU 0's (no context on a GPU the run does not use)."""
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", refuse)
+    names = {i: ("Tesla T4", (7, 5)) if i == gpu else ("NVIDIA H100 80GB HBM3", (9, 0)) for i in range(8)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: names[d][1])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"name": names[d][0]}))
+    free = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: free.append(d) or (15 * 2**30, 16 * 2**30))
+    cfg = compose_config("model=tiny", "trainer=ddp", "trainer.accelerator=gpu", f"trainer.devices={devices}")
+    plan = check_config(cfg)
+    assert (plan.gpu.index, plan.gpu.name, plan.precision, plan.packing) == (gpu, "Tesla T4", "16-mixed", False)
+    assert plan.peak_tflops == 65.0
+    assert free == ([gpu] if local_rank == 0 else [])  # only rank 0 checks memory, of its own GPU
+
+
+@pytest.mark.parametrize(("launcher", "cores", "expected"), [("srun", 8, 4), ("srun", 2, 1), ("torchrun", 64, 4)])
+def test_auto_workers_under_srun_use_the_tasks_own_cores(monkeypatch, launcher, cores, expected):
+    """srun --cpus-per-task=8 with 8 tasks per node: each task's affinity is its own 8 cores, not to be divided by
+    the 8 devices again (that gave 0 workers); torchrun's processes share the node's cores and split them."""
+    from protein_mlm import launch
+    from protein_mlm.plan import resolve_num_workers
+
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    if launcher == "srun":
+        monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")  # 2 nodes x 8 tasks
+    else:
+        monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    assert resolve_num_workers("auto", on_gpu=True, devices=8) == expected

@@ -101,6 +101,29 @@ def test_a_one_token_and_a_1024_token_sequence_share_a_pack():
         torch.testing.assert_close(piece, alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", attention.PACKED)
+def test_every_implementation_allowed_with_packing_keeps_sequences_apart(implementation):
+    """fp32: each packed sequence's logits and summed-loss gradients equal the sequence run alone (eager ignores
+    cu_seqlens: without its block-diagonal mask a packed neighbour moved the logits by 0.2)."""
+    torch.manual_seed(0)
+    model = build_model({**ARCHS["rotary"], "attn_implementation": implementation})
+    batch = examples([5, 30, 3, 60, 17, 44], seed=1)
+    lengths = [len(ids) for ids, _ in batch]
+    packed = collate_packed(batch, rows=3, row_tokens=80)
+    pieces = split_packed(packed_logits(model, packed), lengths, 80)
+    for (ids, _), piece in zip(batch, pieces, strict=True):
+        alone = model(input_ids=torch.as_tensor(ids)[None]).logits[0]
+        torch.testing.assert_close(piece, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["flex_attention", "flash_attention_2"])
+def test_packed_rows_never_reach_an_implementation_that_ignores_cu_seqlens(implementation):
+    model = build_model(ARCHS["rotary"])
+    model.config._attn_implementation = implementation  # what preflight refuses; the forward refuses it too
+    with pytest.raises(ValueError, match="sdpa or eager"):
+        packed_logits(model, collate_packed(examples([5, 7]), rows=1, row_tokens=16))
+
+
 def test_padded_batches_match_transformers_sdpa():
     """Our attention name (no host read of the mask) gives transformers' own SDPA result on padded batches."""
     model = build_model(ARCHS["rotary"])

@@ -45,13 +45,25 @@ def test_flops_match_pytorch_flop_counter(lengths):
 
 @pytest.mark.parametrize(
     ("name", "precision", "peak"),
-    [
+    [  # dense 16-bit tensor-core / plain fp32 peaks from the vendors' datasheets, by the name torch reports
         ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.0),
         ("NVIDIA H100 PCIe", "bf16-mixed", 756.0),
+        ("NVIDIA H100 NVL", "bf16-mixed", 835.5),  # not the SXM part's 989
         ("NVIDIA H200", "bf16-mixed", 989.0),
+        ("NVIDIA H200 NVL", "bf16-mixed", 835.5),
         ("NVIDIA A100-SXM4-80GB", "bf16-mixed", 312.0),
         ("NVIDIA A100-SXM4-80GB", "32-true", 19.5),
         ("NVIDIA A100-SXM4-80GB", "16-mixed", 312.0),
+        ("NVIDIA L4", "bf16-mixed", 121.0),
+        ("NVIDIA L40", "bf16-mixed", 181.0),  # not the L4's, nor the L40S's
+        ("NVIDIA L40S", "bf16-mixed", 362.0),
+        ("Tesla T4", "16-mixed", 65.0),
+        ("Tesla T4", "32-true", 8.1),
+        ("Tesla V100-SXM2-16GB", "16-mixed", 125.0),
+        ("Tesla V100-PCIE-16GB", "16-mixed", 112.0),
+        ("Tesla V100-PCIE-32GB", "32-true", 14.0),
+        ("NVIDIA L4 Future Edition", "bf16-mixed", None),  # a longer name is another GPU
+        ("NVIDIA H10", "bf16-mixed", None),
         ("Some Future GPU", "bf16-mixed", None),
     ],
 )
@@ -59,9 +71,15 @@ def test_peak_lookup(name, precision, peak):
     assert lookup_peak_tflops(name, precision) == peak
 
 
-def test_configured_peak_wins_and_cpu_has_none():
-    assert resolve_peak_tflops(2.5, "32-true", on_gpu=False) == 2.5
-    assert resolve_peak_tflops(None, "32-true", on_gpu=False) is None
+def test_configured_peak_wins_cpu_has_none_and_an_unknown_gpu_warns_once(caplog):
+    assert resolve_peak_tflops(2.5, "32-true", None) == 2.5
+    assert resolve_peak_tflops(2.5, "32-true", "Some Future GPU") == 2.5
+    assert resolve_peak_tflops(None, "32-true", None) is None
+    with caplog.at_level("WARNING"):
+        assert resolve_peak_tflops(None, "bf16-mixed", "Some Future GPU") is None
+    assert [r.getMessage() for r in caplog.records if "peak_tflops" in r.getMessage()] == [
+        "no datasheet peak for 'Some Future GPU': MFU is not reported; set perf.peak_tflops=<dense TFLOP/s>"
+    ]
 
 
 def test_mfu_and_tflops_are_logged_for_each_read_interval(tiny_cfg, tmp_path):
@@ -142,11 +160,15 @@ def test_fused_adamw_gradients_are_clipped(tiny_cfg, precision):
     assert len(recorder.norms) == 3 and max(recorder.norms) <= 0.001 * (1 + 1e-4)
 
 
-def test_fp16_with_fused_optimizer_and_clipping_is_a_config_error(tiny_cfg):
+def test_fp16_with_fused_optimizer_and_clipping_is_a_config_error_but_auto_unfuses(tiny_cfg):
     gpu_fp16 = ("trainer.accelerator=gpu", "trainer.precision=16-mixed")  # fp16 on a CPU is refused before this
-    with pytest.raises(ConfigError, match="optimizer.fused=false"):
-        check_config(tiny_cfg(*gpu_fp16))
-    check_config(tiny_cfg(*gpu_fp16, "optimizer.fused=false"))
+    with pytest.raises(ConfigError, match="optimizer.fused=auto or false"):
+        check_config(tiny_cfg(*gpu_fp16, "optimizer.fused=true"))
+    assert check_config(tiny_cfg(*gpu_fp16, "optimizer.fused=false")).optimizer["fused"] is False
+    assert tiny_cfg().optimizer.fused == "auto"  # the default trains: fused, except fp16 with clipping
+    assert check_config(tiny_cfg(*gpu_fp16)).optimizer["fused"] is False
+    assert check_config(tiny_cfg(*gpu_fp16, "trainer.gradient_clip_val=null")).optimizer["fused"] is True
+    assert check_config(tiny_cfg()).optimizer["fused"] is True
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,25 @@ def distributed_rank() -> int:
     return (_first_int(LOCAL_RANK_KEYS) or 0) + (_first_int(("NODE_RANK", "GROUP_RANK")) or 0)
 
 
-def local_device() -> int:
-    """The GPU index this process trains on (Lightning's DDP gives local rank r the r-th device)."""
-    return _first_int(LOCAL_RANK_KEYS) or 0
+def local_device(devices=None) -> int:
+    """The GPU index this process trains on: Lightning gives local rank r the r-th entry of a list of device ids
+    (`trainer.devices=[2,3]`: GPU 3 for local rank 1), else GPU r."""
+    rank = _first_int(LOCAL_RANK_KEYS) or 0
+    if isinstance(devices, list | tuple) or type(devices).__name__ == "ListConfig":
+        return int(devices[rank]) if rank < len(devices) else rank
+    return rank
+
+
+def cores_per_process(devices: int) -> int:
+    """The CPU cores this training process may use with its loader workers.
+
+    srun with several tasks binds each task to its own --cpus-per-task cores: the affinity is this process's share
+    already. Lightning's launcher and torchrun start their processes with the whole allowance, to be split.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if (_first_int(("SLURM_STEP_NUM_TASKS",)) or 1) > 1:  # one srun task per device
+        return cores
+    return cores // max(devices, 1)
 
 
 def launched_together() -> bool:

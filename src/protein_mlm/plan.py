@@ -2,7 +2,6 @@
 the schedule function and the plan table. Everything after the checks reads the `RunPlan` instead of `cfg`."""
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,13 +11,26 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from protein_mlm.errors import ConfigError
-from protein_mlm.launch import local_device
+from protein_mlm.launch import cores_per_process, local_device
 from protein_mlm.model.attention import varlen_available
 from protein_mlm.model.esm import build_model, can_compile, count_parameters
 from protein_mlm.model.perf import cpu_flags, resolve_peak_tflops
 
 AUTO_WORKERS = 4  # data.num_workers=auto on a GPU: loader processes per training process (scripts/loader_speed.py)
 COMPILE_MIN_STEPS = 100  # model.compile=auto: shorter runs rarely earn back a one-off compile of the layers
+BF16_CAPABILITY = (8, 0)  # native bf16 and varlen flash attention (Ampere and later); T4 (7.5) and V100 (7.0) lack both
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """The GPU this process trains on, as its properties describe it (read without a CUDA context)."""
+
+    index: int  # the CUDA device index (trainer.devices[local rank] for a list of ids)
+    name: str  # e.g. "Tesla T4"
+    capability: tuple[int, int]  # compute capability, e.g. (7, 5)
+
+    def __str__(self) -> str:
+        return f"{self.name} (GPU {self.index}, compute capability {self.capability[0]}.{self.capability[1]})"
 
 
 @dataclass(frozen=True)
@@ -27,6 +39,8 @@ class RunPlan:
 
     precision: str | int  # Lightning's precision, `auto` resolved for this machine
     on_gpu: bool  # the accelerator is a GPU
+    gpu: Gpu | None  # the GPU the `auto`s were decided for; None on CPUs or where no GPU is visible (a login node)
+    attention: str  # model.architecture.attn_implementation
     devices: int  # processes per node
     accumulate: int  # micro-batches per optimizer update
     val_check_batches: int | float  # trainer.val_check_interval in micro-batches, as Lightning counts
@@ -42,6 +56,7 @@ class RunPlan:
     no_decay_bias_and_norm: bool  # biases and LayerNorm weights skip weight decay
     lr_scheduler: dict[str, Any]  # Lightning's lr_scheduler keys (interval, frequency, name)
     schedule_label: str  # the schedule in one line, for plots
+    loss_divisor: float = 1.0  # the summed token loss is back-propagated divided by this (fp16: keeps it in range)
 
 
 # The config keys whose `auto` the plan resolves, and the RunPlan field holding what it resolved to: config.yaml
@@ -68,49 +83,91 @@ def resolve_compile(setting: bool | str, max_steps: int, on_gpu: bool) -> bool:
     return bool(setting) and can_compile(on_gpu)
 
 
-def resolve_packing(setting: bool | str, on_gpu: bool, data: DictConfig, attention_dropout: float) -> bool:
-    """data.packing: true / false, or auto = on where varlen flash attention runs (a CUDA GPU, torch >= 2.9) and the
-    data allows it (a token budget, not streamed) - there packed rows measured faster than padded batches."""
+def resolve_packing(
+    setting: bool | str,
+    on_gpu: bool,
+    data: DictConfig,
+    attention_dropout: float,
+    attention: str = "sdpa",
+    gpu: Gpu | None = None,
+    precision: str | int = "bf16-mixed",
+) -> bool:
+    """data.packing: true / false, or auto = on where varlen flash attention runs (our sdpa in 16-bit on a CUDA GPU
+    of compute capability 8.0+, torch >= 2.9) and the data allows it (a token budget, not streamed) - there packed
+    rows measured faster than padded batches."""
     if setting != "auto":
         return bool(setting)
     fits = data.get("max_tokens") is not None and not data.get("streaming") and attention_dropout == 0
-    return on_gpu and fits and varlen_available()
+    capable = gpu is None or gpu.capability >= BF16_CAPABILITY
+    flash = attention == "sdpa" and capable and "16" in str(precision) and varlen_available()
+    return on_gpu and fits and flash
 
 
 def resolve_num_workers(setting: int | str, on_gpu: bool, devices: int) -> int:
-    """data.num_workers: a count, or auto = 0 on CPUs (the cores train), else up to AUTO_WORKERS per GPU process."""
+    """data.num_workers: a count, or auto = 0 on CPUs (the cores train), else up to AUTO_WORKERS per GPU process,
+    leaving one of this process's cores to it."""
     if setting != "auto":
         return int(setting)
     if not on_gpu:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(AUTO_WORKERS, cores // max(devices, 1) - 1))
+    return max(0, min(AUTO_WORKERS, cores_per_process(devices) - 1))
+
+
+def resolve_fused(setting: bool | str | None, precision: str | int, clip: float | None) -> bool | None:
+    """optimizer.fused: true / false, or auto = fused except under fp16 with clipping (its loss scaler unscales inside
+    a fused step, after the point where clipping must happen)."""
+    if setting != "auto":
+        return setting
+    return not (is_fp16(precision) and clip)
+
+
+def is_fp16(precision: str | int) -> bool:
+    return str(precision) in ("16-mixed", "16", "16-true")
+
+
+def loss_divisor(cfg: DictConfig, precision: str | int) -> float:
+    """fp16: the tokens of a micro-batch (its budget), so the back-propagated loss is a per-token mean.
+
+    A summed loss over >= 16k targets times GradScaler's initial scale (65,536) overflows fp16 gradients, so the
+    first updates were skipped while the scale backed off. Bias gradients sum over every token of the micro-batch, not
+    only the targets: dividing by the targets alone still overflowed one (46k of fp16's 65k at ~19k targets), by all
+    tokens left 3x headroom. The module multiplies the factor back in its per-update rescale, so the update is the
+    same token mean; one number for every rank and micro-batch, so it folds exactly.
+    """
+    if not is_fp16(precision):
+        return 1.0
+    return float(cfg.data.get("max_tokens") or cfg.data.batch_size * cfg.data.max_length)
 
 
 def resolve(cfg: DictConfig) -> RunPlan:
     """Derive everything the run needs from the config, once (raises ConfigError for what cannot resolve)."""
     accumulate = accumulation_steps(cfg)
-    precision, on_gpu = (
-        resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
-        uses_gpu(cfg.trainer.accelerator),
-    )
+    on_gpu = uses_gpu(cfg.trainer.accelerator)
+    gpu = this_gpu(cfg.trainer) if on_gpu else None
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, gpu)
     schedule_cfg, lightning_keys = split_scheduler_config(cfg.scheduler)
-    optimizer, no_decay = split_optimizer_config(cfg.optimizer)
+    optimizer, no_decay = split_optimizer_config(cfg.optimizer, precision, cfg.trainer.get("gradient_clip_val"))
     architecture = OmegaConf.to_container(cfg.model.architecture, resolve=True)
+    attention = architecture.get("attn_implementation", "sdpa")
     return RunPlan(
         precision=precision,
         on_gpu=on_gpu,
+        gpu=gpu,
+        attention=attention,
         devices=num_devices(cfg.trainer),
         accumulate=accumulate,
         val_check_batches=validation_interval(cfg, accumulate),
         schedule=make_schedule(schedule_cfg, cfg.trainer.max_steps),
-        peak_tflops=resolve_peak_tflops(cfg.get("perf", {}).get("peak_tflops"), precision, on_gpu, local_device()),
+        peak_tflops=resolve_peak_tflops(cfg.get("perf", {}).get("peak_tflops"), precision, gpu and gpu.name),
         compile=resolve_compile(cfg.model.get("compile", False), cfg.trainer.max_steps, on_gpu),
         packing=resolve_packing(
             cfg.data.get("packing", False),
             on_gpu,
             cfg.data,
             cfg.model.architecture.get("attention_probs_dropout_prob", 0.0),
+            attention,
+            gpu,
+            precision,
         ),
         num_workers=resolve_num_workers(cfg.data.get("num_workers", 0), on_gpu, num_devices(cfg.trainer)),
         parameters=count_parameters(build_model(architecture, device="meta")),
@@ -120,6 +177,7 @@ def resolve(cfg: DictConfig) -> RunPlan:
         no_decay_bias_and_norm=no_decay,
         lr_scheduler=lightning_keys,
         schedule_label=schedule_label(cfg),
+        loss_divisor=loss_divisor(cfg, precision),
     )
 
 
@@ -133,9 +191,13 @@ def split_scheduler_config(scheduler_cfg: DictConfig) -> tuple[dict[str, Any], d
     return schedule, lightning
 
 
-def split_optimizer_config(optimizer_cfg: DictConfig) -> tuple[dict[str, Any], bool]:
-    """(the torch optimizer's `_partial_` config, whether biases/LayerNorm skip weight decay)."""
+def split_optimizer_config(
+    optimizer_cfg: DictConfig, precision: str | int = "32-true", clip: float | None = None
+) -> tuple[dict[str, Any], bool]:
+    """(the torch optimizer's `_partial_` config with `fused: auto` resolved, whether biases/LayerNorm skip decay)."""
     optimizer = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    if "fused" in optimizer:
+        optimizer["fused"] = resolve_fused(optimizer["fused"], precision, clip)
     return optimizer, bool(optimizer.pop("no_decay_bias_and_norm", False))
 
 
@@ -144,25 +206,36 @@ def cpu_supports_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def gpu_supports_bf16() -> bool:
-    """Native bf16 (compute capability 8.0+) on this rank's own GPU, asked without creating a CUDA context.
+def this_gpu(trainer_cfg: DictConfig) -> Gpu | None:
+    """This rank's own GPU (trainer.devices[local rank] for a list of ids), or None where no GPU is visible.
 
-    This runs in every DDP rank before Lightning sets the device: `is_bf16_supported` would ask the current
-    device (GPU 0 on every rank) and may run a kernel there, a context and half a GB of GPU 0 per rank.
+    Asked without creating a CUDA context: this runs in every DDP rank before Lightning sets the device, and
+    `is_bf16_supported` or `mem_get_info` would ask the current device (GPU 0 on every rank), a context and half a
+    GB of a GPU the rank may not even use.
     """
-    return torch.cuda.is_available() and torch.cuda.get_device_capability(local_device())[0] >= 8
+    if not torch.cuda.is_available():
+        return None
+    index = local_device(trainer_cfg.get("devices"))
+    capability = tuple(torch.cuda.get_device_capability(index))
+    return Gpu(index, torch.cuda.get_device_properties(index).name, capability)
+
+
+def gpu_supports_bf16(gpu: Gpu | None) -> bool:
+    """Native bf16 (compute capability 8.0+); a GPU not visible here (a login node planning a job) is assumed to."""
+    return gpu is None or gpu.capability >= BF16_CAPABILITY
 
 
 def uses_gpu(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def resolve_precision(precision: str | int, accelerator: str) -> str | int:
-    """`auto`: bf16-mixed where the hardware runs it natively (recent GPUs, AVX512-BF16/AMX CPUs), else fp32."""
+def resolve_precision(precision: str | int, accelerator: str, gpu: Gpu | None = None) -> str | int:
+    """`auto`: bf16-mixed where the hardware runs it natively (GPUs of compute capability 8.0+, AVX512-BF16/AMX
+    CPUs), fp16 with loss scaling on older GPUs (T4, V100), else fp32."""
     if precision != "auto":
         return precision
     if uses_gpu(accelerator):
-        return "bf16-mixed" if gpu_supports_bf16() else "16-mixed"
+        return "bf16-mixed" if gpu_supports_bf16(gpu) else "16-mixed"
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
@@ -239,6 +312,7 @@ def plan_rows(cfg: DictConfig, plan: RunPlan, train_tokens: int | None) -> list[
     steps = plan.max_steps
     last_lr = plan.peak_lr * plan.schedule(steps - 1)
     rows = [
+        *resolved_rows(plan),
         ("model parameters", f"{plan.parameters / 1e6:,.2f} M ({cfg.model.name})"),
         ("validations (after step)", short_list(validation_steps(steps, cfg.trainer.val_check_interval))),
         ("padded tokens per update (at most)", f"{per_update:,}"),
@@ -252,6 +326,38 @@ def plan_rows(cfg: DictConfig, plan: RunPlan, train_tokens: int | None) -> list[
     if zero_shot:
         rows.append(("zero-shot scoring per validation", zero_shot_cost(zero_shot, plan.devices)))
     return rows
+
+
+def attention_path(plan: RunPlan) -> str:
+    """Which attention kernel the batches take: padded SDPA, varlen flash, or a block-diagonal mask."""
+    if not plan.packing:
+        return f"{plan.attention} (padded batches)"
+    if plan.attention != "sdpa":
+        return f"{plan.attention}, packed rows through a block-diagonal mask"
+    if plan.on_gpu and "16" in str(plan.precision) and varlen_available():
+        return "sdpa, packed rows through varlen flash attention"
+    return "sdpa, packed rows through a block-diagonal mask (the reference path)"
+
+
+def resolved_rows(plan: RunPlan) -> list[tuple[str, str]]:
+    """What every `auto` resolved to, and the hardware it was decided for."""
+    if plan.gpu is not None:
+        hardware = str(plan.gpu)
+    elif plan.on_gpu:
+        hardware = "a GPU not visible here: decided again on the machine that trains"
+    else:
+        hardware = "CPU"
+    fused = plan.optimizer.get("fused")
+    return [
+        ("decided for", hardware),
+        ("precision", str(plan.precision)),
+        ("packing", "on" if plan.packing else "off"),
+        ("attention", attention_path(plan)),
+        ("compile", "on" if plan.compile else "off"),
+        ("loader workers per process", str(plan.num_workers)),
+        *([("fused optimizer step", "on" if fused else "off")] if fused is not None else []),
+        ("MFU peak", f"{plan.peak_tflops:g} TFLOP/s" if plan.peak_tflops else "none (no MFU reported)"),
+    ]
 
 
 def zero_shot_cost(zero_shot: DictConfig, devices: int) -> str:

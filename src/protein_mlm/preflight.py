@@ -1,6 +1,7 @@
 """Check a run's config before anything is built or written: the rules a valid run must follow, each with the fix
 in its one-line error, and the resolved `RunPlan` (plan.py) that the run then reads."""
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -14,7 +15,8 @@ from protein_mlm.data.options import check_data_options
 from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.launch import distributed_rank
 from protein_mlm.model import memory
-from protein_mlm.plan import RunPlan, num_devices, resolve, uses_gpu
+from protein_mlm.model.attention import IMPLEMENTATIONS, PACKED
+from protein_mlm.plan import BF16_CAPABILITY, RunPlan, is_fp16, num_devices, resolve, uses_gpu
 from protein_mlm.rules import ValueRule, check_value
 from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, check_init_from, load_checkpoint
 
@@ -72,6 +74,7 @@ def check_values(cfg: DictConfig) -> None:
         if value is not ABSENT:
             check_value(rule, value)
     check_data_options(cfg.data)
+    check_attention(cfg)
     if cfg.model.get("compile", False) not in (True, False, "auto"):
         raise ConfigError(f"model.compile={cfg.model.compile!r} must be true, false or auto; e.g. model.compile=auto")
     data = cfg.data
@@ -81,6 +84,60 @@ def check_values(cfg: DictConfig) -> None:
             f"data.max_length={data.max_length} exceeds what model={cfg.model.name}'s learned positions cover "
             f"({arch.max_position_embeddings - 2} tokens); use data.max_length={arch.max_position_embeddings - 2}"
         )
+
+
+ATTENTION = "model.architecture.attn_implementation"
+USE_SDPA = "use attn_implementation=sdpa"
+
+
+def check_attention(cfg: DictConfig) -> None:
+    """The attention implementation is one this project trains with, installed, and (packed) keeps sequences apart."""
+    name = cfg.model.architecture.get("attn_implementation", "sdpa")
+    if name not in IMPLEMENTATIONS:
+        raise ConfigError(f"{ATTENTION}={name!r} is not one this project trains with; use {', '.join(IMPLEMENTATIONS)}")
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            f"{ATTENTION}=flash_attention_2 needs the flash-attn package, which is not installed; "
+            f"{USE_SDPA} (PyTorch's own flash kernels)"
+        )
+    if cfg.data.get("packing") is True and name not in PACKED:
+        raise ConfigError(
+            f"data.packing=true with {ATTENTION}={name} would let packed sequences attend to each other; "
+            f"{USE_SDPA} or data.packing=false"
+        )
+
+
+def check_hardware(cfg: DictConfig, plan: RunPlan) -> None:
+    """What the resolved plan asks of this machine's GPU (or CPU) it can run: precision, packing, attention, FSDP.
+
+    Decided for the GPU this rank will use; a machine that sees no GPU (a login node planning a job) is not judged.
+    """
+    name, gpu = plan.attention, plan.gpu
+    if not plan.on_gpu and name in ("flex_attention", "flash_attention_2"):
+        why = "PyTorch's FlexAttention has no CPU backward" if name == "flex_attention" else "flash-attn is CUDA-only"
+        raise ConfigError(f"{ATTENTION}={name} cannot train on a CPU ({why}); {USE_SDPA} or eager")
+    fsdp = "fsdp" in str(cfg.trainer.get("strategy")).lower()
+    old_gpu = gpu is not None and gpu.capability < BF16_CAPABILITY
+    if fsdp and (is_fp16(plan.precision) or old_gpu):
+        raise ConfigError(
+            "trainer=fsdp trains in bf16-mixed only (fp16 loss scaling over shards is not supported here), which needs "
+            "a GPU of compute capability 8.0+; use trainer=ddp (fp16) or a GPU with bf16"
+        )
+    if not old_gpu:
+        return
+    where = f"{gpu} has none"
+    if str(plan.precision).startswith("bf16"):
+        raise ConfigError(
+            f"trainer.precision={plan.precision} needs native bf16 (compute capability 8.0+) and {where}; "
+            "use trainer.precision=auto (16-mixed with loss scaling here)"
+        )
+    if plan.packing and name == "sdpa":  # eager's packed rows take a block-diagonal mask instead
+        raise ConfigError(
+            f"data.packing=true with attn_implementation=sdpa needs varlen flash attention (compute capability 8.0+) "
+            f"and {where}; use data.packing=false (what auto picks here)"
+        )
+    if name == "flash_attention_2":
+        raise ConfigError(f"{ATTENTION}=flash_attention_2 needs compute capability 8.0+ and {where}; {USE_SDPA}")
 
 
 def check_devices(trainer: DictConfig) -> None:
@@ -115,7 +172,9 @@ def check_memory(cfg: DictConfig, plan: RunPlan | None = None) -> None:
     arch, data, on_gpu = cfg.model.architecture, cfg.data, plan.on_gpu
     if on_gpu and distributed_rank() > 0:
         return  # rank 0 checked its GPU (reading it makes a context; here the rank has not chosen its GPU yet)
-    available = memory.available_bytes(on_gpu)  # rank 0: local rank 0, GPU 0
+    if on_gpu and plan.gpu is None:
+        return  # no GPU visible here: the job's own check
+    available = memory.available_bytes(True, plan.gpu.index) if on_gpu else memory.available_bytes(False)
     if available is None:
         return
     processes = 1 if on_gpu else plan.devices  # DDP on CPU: every process on this host
@@ -164,6 +223,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"trainer.precision={cfg.trainer.precision} needs a GPU (on CPU Lightning would train in bf16 instead); "
             "use trainer.precision=bf16-mixed or 32-true"
         )
+    check_hardware(cfg, plan)
     for key in ("train_path", "val_path"):
         path = cfg.data.get(key)
         streamed_dir = key == "train_path" and cfg.data.get("streaming") and Path(str(path)).is_dir()
@@ -187,11 +247,10 @@ def check_config(cfg: DictConfig) -> RunPlan:
         raise ConfigError(
             "data.packing=true needs model.architecture.attention_probs_dropout_prob=0.0 (ESM-2 trains without it)"
         )
-    fp16 = plan.precision in ("16-mixed", 16, "16")
-    if fp16 and cfg.optimizer.get("fused") and cfg.trainer.get("gradient_clip_val"):
+    if is_fp16(plan.precision) and plan.optimizer.get("fused") and cfg.trainer.get("gradient_clip_val"):
         raise ConfigError(
             "a fused optimizer unscales fp16 gradients inside its step, so they cannot be clipped before it; "
-            "set optimizer.fused=false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
+            "set optimizer.fused=auto or false (or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null)"
         )
     if not cfg.get("plan_only"):  # last: a specific error first; a plan (e.g. on a login node) trains nothing
         check_devices(cfg.trainer)  # after the specific errors about devices (e.g. FSDP on CPUs)

@@ -50,6 +50,7 @@ def build_module(cfg: DictConfig, plan: RunPlan) -> MaskedLMModule:
         static_shapes=plan.packing,
         fast_layers=cfg.model.get("fast_layers", False),
         inject_nan_at_step=cfg.faults.inject_nan_at_step,
+        loss_divisor=plan.loss_divisor,
     )
 
 

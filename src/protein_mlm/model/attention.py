@@ -4,6 +4,10 @@ transformers' stock "sdpa" mask builder asks `padding_mask.all()` on every forwa
 a GPU that read stalls the host until the device has caught up. Ours always builds the padding mask from the 2D
 mask. Packed batches (packing.py) arrive with `cu_seq_lens_q`: varlen flash attention on CUDA, a block-diagonal
 mask elsewhere. The module tree and `state_dict` keys stay those of `EsmForMaskedLM`; only function names differ.
+
+transformers' own implementations ignore `cu_seq_lens_*` (eager, flex) or need a package and an 8.0+ GPU
+(flash_attention_2): of those, only `eager` takes packed rows, through an additive block-diagonal mask
+(`segment_bias`); preflight refuses packing with the others.
 """
 
 import inspect
@@ -19,6 +23,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from protein_mlm.model.perf import cpu_flags
 
 NAME = "protein_mlm_sdpa"  # what `attn_implementation: sdpa` in a model config selects
+# The `attn_implementation` values this project trains with; PACKED: those whose packed rows attend within each
+# sequence only (tests/test_packing.py proves each one against the sequences alone).
+IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+PACKED = ("sdpa", "eager")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 # PyTorch's CPU flash attention ran fp32 faster than bf16 on an AVX512-BF16 CPU without AMX (esm2_8m's head
 # dim 16: 134 vs 156-174 ms forward + backward, casts included; benchmarks/README.md); with AMX, bf16 stays.
@@ -31,6 +39,12 @@ def padding_mask(*args, attention_mask=None, **kwargs):
         return None
     kwargs["allow_is_bidirectional_skip"] = False  # the skip test is the `.all()` host read
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def segment_bias(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive (B, 1, T, T) mask for transformers' eager attention: 0 within a segment, the dtype's minimum across."""
+    same = segment_ids.unsqueeze(-1).eq(segment_ids.unsqueeze(-2)).unsqueeze(1)
+    return torch.zeros(same.shape, dtype=dtype, device=segment_ids.device).masked_fill(~same, torch.finfo(dtype).min)
 
 
 def block_diagonal_attention(query, key, value, segment_ids: torch.Tensor, scaling: float | None) -> torch.Tensor:

@@ -32,10 +32,10 @@ def training_bytes(
     return state, activations
 
 
-def available_bytes(on_gpu: bool) -> float | None:
-    """Free memory of GPU 0, or the host's available RAM (Linux); None when unknown."""
+def available_bytes(on_gpu: bool, device: int = 0) -> float | None:
+    """Free memory of GPU `device` (the run's own), or the host's available RAM (Linux); None when unknown."""
     if on_gpu:
-        return float(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
+        return float(torch.cuda.mem_get_info(device)[0]) if torch.cuda.is_available() else None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

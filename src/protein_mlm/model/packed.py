@@ -5,6 +5,7 @@ from typing import Any
 import torch
 
 from protein_mlm.data.tokenizer import MASK_ID
+from protein_mlm.model import attention
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM's token-dropout constant (the <mask> share of tokens in its training)
 
@@ -34,6 +35,13 @@ def packed_logits(model, batch: dict[str, Any]) -> torch.Tensor:
     words = packed_embeddings(model, batch["input_ids"], batch["segment_ids"], sizes)
     # EsmModel skips its embedding module when given inputs_embeds: add positions (and any LayerNorm) here.
     embeddings = model.esm.embeddings(inputs_embeds=words, position_ids=position_ids)
+    implementation = model.config._attn_implementation
+    if implementation == "eager":  # it ignores cu_seqlens: a block-diagonal mask keeps each sequence to itself
+        masks = {"attention_mask": attention.segment_bias(batch["segment_ids"])}
+    elif implementation == attention.NAME:
+        masks = {}
+    else:  # preflight refuses these first; never let packed rows attend across sequences
+        raise ValueError(f"packed batches need attn_implementation sdpa or eager, not {implementation}")
     # No position_ids to the model: absolute positions are in `embeddings` already, rotary is relative (offsets
     # within a row leave q.k unchanged), and transformers >= 5.2x reads packed position_ids with a host sync
     # (`find_packed_sequence_indices(...).all()`) when it builds the mask.
@@ -44,4 +52,5 @@ def packed_logits(model, batch: dict[str, Any]) -> torch.Tensor:
         max_length_q=batch["max_seqlen"],
         max_length_k=batch["max_seqlen"],
         segment_ids=batch["segment_ids"],  # the attention's block-diagonal reference path reads it
+        **masks,
     ).logits

@@ -1,25 +1,46 @@
 """Training FLOPs of an ESM transformer and the accelerator peaks that model FLOPs utilisation (MFU) divides by."""
 
+import logging
 from functools import cache
 from pathlib import Path
 
-import torch
+log = logging.getLogger(__name__)
 
-# Dense (no sparsity) peak TFLOP/s from the vendors' datasheets, SXM parts unless named. "bf16" also serves
-# fp16; "fp32" is plain fp32 (PyTorch's default matmul precision, no TF32). Matched in order, first hit wins.
-GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.0}),
-    ("H100", {"bf16": 989.0, "fp32": 67.0}),
-    ("H200", {"bf16": 989.0, "fp32": 67.0}),
-    ("GH200", {"bf16": 989.0, "fp32": 67.0}),
-    ("B200", {"bf16": 2250.0, "fp32": 80.0}),
-    ("A100", {"bf16": 312.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.0, "fp32": 91.6}),
-    ("A10G", {"bf16": 70.0, "fp32": 31.2}),
-    ("A10", {"bf16": 125.0, "fp32": 31.2}),
-    ("L4", {"bf16": 121.0, "fp32": 30.3}),
-    ("V100", {"bf16": 125.0, "fp32": 15.7}),  # fp16 tensor cores; V100 has no bf16
-]
+# Dense (no sparsity) tensor-core peak TFLOP/s from the vendors' datasheets, by the exact name the GPU reports
+# (`torch.cuda.get_device_properties(i).name`), so "NVIDIA L4" is not "NVIDIA L40" and an NVL part is not an SXM one.
+# "bf16" is the 16-bit tensor-core peak (bf16, or fp16 on T4/V100, which have no bf16); "fp32" is plain fp32
+# (PyTorch's default matmul precision, no TF32).
+_H100_SXM = {"bf16": 989.0, "fp32": 67.0}
+_NVL = {"bf16": 835.5, "fp32": 60.0}  # H100 NVL and H200 NVL (one card): 1,671 TFLOP/s bf16 with sparsity
+_A100 = {"bf16": 312.0, "fp32": 19.5}  # SXM and PCIe alike
+_V100_SXM = {"bf16": 125.0, "fp32": 15.7}
+_V100_PCIE = {"bf16": 112.0, "fp32": 14.0}
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "NVIDIA H100 80GB HBM3": _H100_SXM,
+    "NVIDIA H100": _H100_SXM,
+    "NVIDIA H100 PCIe": {"bf16": 756.0, "fp32": 51.0},
+    "NVIDIA H100 NVL": _NVL,
+    "NVIDIA H200": _H100_SXM,
+    "NVIDIA H200 NVL": _NVL,
+    "NVIDIA GH200 480GB": _H100_SXM,
+    "NVIDIA B200": {"bf16": 2250.0, "fp32": 80.0},
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA L40S": {"bf16": 362.0, "fp32": 91.6},
+    "NVIDIA L40": {"bf16": 181.0, "fp32": 90.5},
+    "NVIDIA L4": {"bf16": 121.0, "fp32": 30.3},
+    "NVIDIA A40": {"bf16": 149.7, "fp32": 37.4},
+    "NVIDIA A10": {"bf16": 125.0, "fp32": 31.2},
+    "NVIDIA A10G": {"bf16": 70.0, "fp32": 31.2},
+    "Tesla T4": {"bf16": 65.0, "fp32": 8.1},  # fp16 tensor cores
+    "Tesla V100-SXM2-16GB": _V100_SXM,
+    "Tesla V100-SXM2-32GB": _V100_SXM,
+    "Tesla V100-PCIE-16GB": _V100_PCIE,
+    "Tesla V100-PCIE-32GB": _V100_PCIE,
+    "Tesla V100S-PCIE-32GB": {"bf16": 130.0, "fp32": 16.4},
+}
 
 
 def precision_kind(precision: str | int) -> str:
@@ -28,23 +49,22 @@ def precision_kind(precision: str | int) -> str:
 
 
 def lookup_peak_tflops(device_name: str, precision: str | int) -> float | None:
-    """The datasheet peak of a known GPU at this precision, or None."""
-    for key, peaks in GPU_PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return peaks[precision_kind(precision)]
-    return None
+    """The datasheet peak of a GPU known by this exact name at this precision, or None."""
+    peaks = GPU_PEAK_TFLOPS.get(device_name.strip())
+    return peaks[precision_kind(precision)] if peaks else None
 
 
-def resolve_peak_tflops(peak_tflops: float | None, precision: str | int, on_gpu: bool, device: int = 0) -> float | None:
-    """The configured peak, else the datasheet value of GPU `device`; None on CPUs (no single honest number).
-
-    Read from the device's properties, which need no CUDA context (the process may not have chosen its GPU yet).
-    """
+def resolve_peak_tflops(peak_tflops: float | None, precision: str | int, gpu_name: str | None) -> float | None:
+    """The configured peak, else the datasheet value of the GPU named; None on CPUs (no single honest number) and
+    for a GPU not in the table (a wrong MFU is worse than none: one warning says how to set it)."""
     if peak_tflops:
         return float(peak_tflops)
-    if on_gpu and torch.cuda.is_available():
-        return lookup_peak_tflops(torch.cuda.get_device_properties(device).name, precision)
-    return None
+    if not gpu_name:
+        return None
+    peak = lookup_peak_tflops(gpu_name, precision)
+    if peak is None:
+        log.warning("no datasheet peak for %r: MFU is not reported; set perf.peak_tflops=<dense TFLOP/s>", gpu_name)
+    return peak
 
 
 def flops_per_step(num_params: int, num_layers: int, hidden_size: int, real_tokens, sum_squared_lengths):

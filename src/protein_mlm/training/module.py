@@ -53,11 +53,13 @@ class MaskedLMModule(pl.LightningModule):
         static_shapes: bool = False,
         fast_layers: bool = False,
         inject_nan_at_step: int | None = None,
+        loss_divisor: float = 1.0,
     ):
         super().__init__()
         # Only plain containers go into the checkpoint, so it loads with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optimizer", "schedule", "inject_nan_at_step"])
         self.inject_nan_at_step = inject_nan_at_step  # faults.inject_nan_at_step: make this update NaN (tests)
+        self.loss_divisor = loss_divisor  # RunPlan.loss_divisor: the back-propagated loss is loss_sum / this
         self.model = build_model(
             architecture, activation_checkpointing=activation_checkpointing, fast_layers=fast_layers
         )
@@ -100,13 +102,14 @@ class MaskedLMModule(pl.LightningModule):
         return loss_sum, labels.ne(IGNORE_INDEX).sum(), logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """Returns the summed token loss; `on_after_backward` turns the update's gradient into a token mean."""
+        """Returns the summed token loss over `loss_divisor` (fp16: about a token mean, so the loss scaler's gradients
+        stay finite); `on_after_backward` turns the update's gradient into the exact token mean."""
         loss_sum, n_targets, _ = self._masked_lm(batch)
         self.window.add(loss_sum, n_targets, batch[COUNTS_KEY], batch.get(POSITION_KEY))
         if self.trainer.world_size > 1 and self._ends_update():
             # Both totals are known before the backward: their one all-reduce runs while it does.
             self._totals = self.agreement.start(*self.window.totals(), self.stop_signal, self.window.tokens)
-        return loss_sum
+        return loss_sum / self.loss_divisor if self.loss_divisor != 1 else loss_sum
 
     def _ends_update(self) -> bool:
         """True on the micro-batch whose backward completes an optimizer update (Lightning then steps)."""
@@ -125,9 +128,10 @@ class MaskedLMModule(pl.LightningModule):
             loss_sum, targets, all_tokens = self.agreement.finish(self._totals, self.trainer.global_step)
         if self.trainer.global_step == self.inject_nan_at_step:
             loss_sum = self._make_nan(loss_sum)
-        # Lightning divided each micro-batch's loss by accumulate_grad_batches (also in a partial window), and
-        # DDP divides by the world size: undo both and divide by the update's target count instead.
-        scale = self.trainer.accumulate_grad_batches * world / targets.clamp(min=1)
+        # Lightning divided each micro-batch's loss by accumulate_grad_batches (also in a partial window), DDP
+        # divides by the world size and training_step by loss_divisor: undo all three and divide by the update's
+        # target count instead.
+        scale = self.trainer.accumulate_grad_batches * world * self.loss_divisor / targets.clamp(min=1)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, scale.to(grads[0]))
         loss, self._clip_norm = loss_sum / targets.clamp(min=1), self._gradient_norm(grads)
@@ -168,7 +172,10 @@ class MaskedLMModule(pl.LightningModule):
             return self.trainer.model.clip_grad_norm_(float("inf"))
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        return norm / scaler.get_scale() if scaler is not None else norm
+        if scaler is None:
+            return norm
+        scale = scaler._get_scale_async()  # the device tensor: `get_scale()` would read it to the host every update
+        return norm / (scale if scale is not None else scaler.get_scale())
 
     def on_train_start(self) -> None:
         self.window.subscribe(every_n_steps=self.trainer.log_every_n_steps)  # the loggers' interval
