@@ -245,5 +245,5 @@ def zero_shot_cost(zero_shot: DictConfig, devices: int) -> str:
     strategy = zero_shot.get("strategy", "masked-marginals")
     passes = passes_per_validation(scans, strategy)
     mutants = sum(len(scan.mutants) for scan in scans)
-    per_rank = f", about {math.ceil(passes / devices):,} per rank" if devices > 1 else ""
+    per_rank = f", about {passes_per_validation(scans, strategy, devices):,} per rank" if devices > 1 else ""
     return f"{len(scans)} scans, {mutants:,} mutants, {passes:,} sequence passes ({strategy}){per_rank}"

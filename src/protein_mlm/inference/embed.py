@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import Progress
 
 from protein_mlm.data.readers import read_records
 from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, PAD_ID, encode_residues
 from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.inference.loading import LoadedModel, device_for, load_model
+from protein_mlm.inference.progress import progress_bar
 from protein_mlm.inference.writers import NpyWriter, PtWriter, Record, check_manifest
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         )
     loaded.model.to(device_for(args.nogpu))
     written = 0
-    with Progress(transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("Embedding", total=todo)
         for chunk in read_chunks(args.fasta_file, args.truncation_seq_length):
             chunk = [item for item in chunk if not writer.done(records[item[0]])]

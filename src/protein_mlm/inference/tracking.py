@@ -1,7 +1,8 @@
 """Zero-shot variant-effect scores as a validation metric: `val/zero_shot/<name>_spearman` at every validation.
 
 Enabled with the `callbacks.zero_shot` entry (configs/callbacks/default.yaml). Nothing runs on the training
-step: the scans are scored after each validation pass, split across DDP ranks, and the plan table shows the cost.
+step: the scans are scored after each validation pass, split across DDP ranks (by site for masked-marginals, by
+mutant otherwise), and the plan table shows one rank's cost.
 """
 
 import math
@@ -16,7 +17,15 @@ import torch
 
 from protein_mlm.errors import ConfigError
 from protein_mlm.inference.score import parse_scan, read_scan, spearman
-from protein_mlm.inference.zero_shot import STRATEGIES, Mutation, check_sequence, score_mutants
+from protein_mlm.inference.zero_shot import (
+    STRATEGIES,
+    Mutation,
+    check_sequence,
+    merge_parts,
+    part_shape,
+    rank_part,
+    sites_of,
+)
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
@@ -50,13 +59,14 @@ def load_scan(spec: dict[str, Any]) -> Scan:
     return Scan(name, sequence, mutants, measured)
 
 
-def passes_per_validation(scans: list[Scan], strategy: str) -> int:
-    """Sequences the model reads per validation (one per masked copy): the cost the plan table shows."""
+def passes_per_validation(scans: list[Scan], strategy: str, world: int = 1) -> int:
+    """Sequences one rank reads per validation (one per masked copy; rank 0's share, the largest): the cost the
+    plan table shows. wt-marginals reads the wild type on every rank; the others split as `rank_part` does."""
     if strategy == "wt-marginals":
         return len(scans)
     if strategy == "masked-marginals":
-        return sum(len({m.index for mutant in scan.mutants for m in mutant}) for scan in scans)
-    return sum(len(scan.sequence) * len(scan.mutants) for scan in scans)
+        return sum(len(sites_of(scan.mutants)[::world]) for scan in scans)
+    return sum(len(scan.sequence) * len(scan.mutants[::world]) for scan in scans)
 
 
 class ZeroShotScores(pl.Callback):
@@ -102,25 +112,21 @@ class ZeroShotScores(pl.Callback):
             logger.log_metrics(metrics, step=step)
 
     def _score_split(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scan: Scan) -> np.ndarray:
-        """This rank scores mutants rank, rank + world, ...; an all-gather gives every rank all scores."""
+        """This rank scores its share (sites for masked-marginals, mutants otherwise); an all-gather gives every
+        rank every part, merged into the whole scan's scores."""
         rank, world = trainer.global_rank, trainer.world_size
-        mine = scan.mutants[rank::world]
         model = pl_module.model
         was_training = model.training
         model.eval()
-        scores = (
-            score_mutants(model, scan.sequence, mine, self.strategy, self.model_window, "optimal", self.toks_per_batch)
-            if mine
-            else np.zeros(0)
-        )
+        part = rank_part(
+            model, scan.sequence, scan.mutants, self.strategy, rank, world, self.model_window, "optimal",
+            self.toks_per_batch,
+        )  # fmt: skip
         model.train(was_training)
         if world == 1:
-            return scores
-        share = math.ceil(len(scan.mutants) / world)
-        padded = torch.full((share,), float("nan"), dtype=torch.float64, device=pl_module.device)
-        padded[: len(scores)] = torch.as_tensor(scores, dtype=torch.float64)
-        gathered = trainer.strategy.all_gather(padded).cpu().numpy()  # (world, share)
-        out = np.empty(len(scan.mutants))
-        for r in range(world):
-            out[r::world] = gathered[r][: len(out[r::world])]
-        return out
+            return merge_parts(scan.mutants, self.strategy, [part])
+        shapes = [part_shape(scan.mutants, self.strategy, r, world) for r in range(world)]
+        padded = torch.zeros(shapes[0], dtype=torch.float64, device=pl_module.device)  # rank 0's share is largest
+        padded[: len(part)] = torch.as_tensor(part, dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(padded).cpu().numpy()  # (world, *shapes[0])
+        return merge_parts(scan.mutants, self.strategy, [gathered[r][: shapes[r][0]] for r in range(world)])
