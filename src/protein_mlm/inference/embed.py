@@ -135,6 +135,8 @@ def prepare(args: argparse.Namespace) -> tuple[LoadedModel, list[Record], list[i
     """Check every input before anything is written: a refused run leaves nothing behind."""
     if args.toks_per_batch < 1 or args.truncation_seq_length < 1:
         raise ConfigError("--toks_per_batch and --truncation_seq_length must be positive")
+    if not Path(args.fasta_file).is_file():
+        raise DataError(f"{args.fasta_file} does not exist; pass the FASTA file of the sequences to embed")
     contacts = "contacts" in args.include
     loaded = load_model(args.model_location, attn_implementation="eager" if contacts else "sdpa")
     if contacts and not loaded.contact_head_trained:
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     loaded, records, layers = prepare(args)
     out: Path = args.output_dir
     manifest = {
-        "model": str(loaded.source),
+        "model": str(loaded.source.resolve()),  # as the FASTA: a rerun may name the model by another path
         "fasta": str(Path(args.fasta_file).resolve()),
         "records": len(records),
         "repr_layers": layers,
@@ -177,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     todo = sum(not writer.done(r) for r in records)
     print(f"Read {args.fasta_file} with {len(records)} sequences; {len(records) - todo} already in {out}", flush=True)
-    longer = sum(r.cut for r in records)
+    longer = sum(r.cut and not writer.done(r) for r in records)  # only those this run writes: no repeat on rerun
     if longer:  # extract.py cuts silently; a user should know their embeddings miss residues
         log.warning(
             "%d sequences are longer than --truncation_seq_length=%d residues and were cut to their first %d",

@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from protein_mlm.errors import ConfigError
+from protein_mlm.inference.proteingym import Assay, read_reference
 from protein_mlm.inference.score import parse_scan, read_scan, spearman
 from protein_mlm.inference.zero_shot import (
     STRATEGIES,
@@ -59,6 +60,19 @@ def load_scan(spec: dict[str, Any]) -> Scan:
     return Scan(name, sequence, mutants, measured)
 
 
+def assay_scan(assay: Assay) -> Scan:
+    """A ProteinGym assay as a scan named by its DMS_id, its measurements in DMS_score."""
+    return load_scan(
+        {
+            "name": assay.dms_id,
+            "csv": str(assay.csv),
+            "sequence": assay.sequence,
+            "offset_idx": assay.offset,
+            "mutation_col": assay.mutation_col,
+        }
+    )
+
+
 def passes_per_validation(scans: list[Scan], strategy: str, world: int = 1) -> int:
     """Sequences one rank reads per validation (one per masked copy; rank 0's share, the largest): the cost the
     plan table shows. wt-marginals reads the wild type on every rank; the others split as `rank_part` does."""
@@ -74,16 +88,27 @@ class ZeroShotScores(pl.Callback):
 
     def __init__(
         self,
-        scans: list[dict[str, Any]],
+        scans: list[dict[str, Any]] | None = None,
         strategy: str = "masked-marginals",
         model_window: int = 1024,
         toks_per_batch: int = 4096,
+        reference: str | None = None,
+        dms_folder: str | None = None,
+        dms_ids: list[str] | None = None,
     ):
         if strategy not in STRATEGIES:
             raise ConfigError(f"callbacks.zero_shot.strategy={strategy} is not one of {', '.join(STRATEGIES)}")
-        if not scans:
-            raise ConfigError("callbacks.zero_shot.scans is empty; list at least one {name, csv, sequence}")
-        self.scans = [load_scan(dict(spec)) for spec in scans]
+        if not scans and not reference:
+            raise ConfigError(
+                "callbacks.zero_shot has no scans; list {name, csv, sequence} entries or give reference "
+                "(ProteinGym's DMS_substitutions.csv) and dms_folder"
+            )
+        if reference and not dms_folder:
+            raise ConfigError("callbacks.zero_shot.reference needs dms_folder, the folder of the assays' CSVs")
+        self.scans = [load_scan(dict(spec)) for spec in scans or []]
+        if reference:  # a ProteinGym panel: the assays named in dms_ids (all when omitted)
+            assays = read_reference(Path(reference), Path(dms_folder), list(dms_ids) if dms_ids else None)
+            self.scans += [assay_scan(assay) for assay in assays]
         names = [scan.name for scan in self.scans]
         if len(set(names)) < len(names):
             raise ConfigError(f"callbacks.zero_shot.scans: names must differ ({', '.join(names)})")
