@@ -33,7 +33,9 @@ def create_parser() -> argparse.ArgumentParser:
         description="Extract per-token representations and model outputs for sequences in a FASTA file "
         "(the arguments and .pt files of fair-esm's scripts/extract.py)",
     )
-    parser.add_argument("model_location", help="a run dir, a .ckpt, an HF export or a local HF ESM-2 directory")
+    parser.add_argument(
+        "model_location", help="a run dir, a .ckpt, an HF export, a local HF ESM directory or a fair-esm .pt"
+    )
     parser.add_argument("fasta_file", type=Path, help="FASTA file on which to extract representations")
     parser.add_argument("output_dir", type=Path, help="output directory for extracted representations")
     parser.add_argument("--toks_per_batch", type=int, default=4096, help="maximum batch size (padded tokens)")

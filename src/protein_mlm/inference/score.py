@@ -26,7 +26,10 @@ def create_parser() -> argparse.ArgumentParser:
         "multi-mutants A42G:C50D and long proteins as ProteinGym)",
     )
     parser.add_argument(
-        "--model-location", nargs="+", required=True, help="run dirs, .ckpt files, HF exports or local HF ESM dirs"
+        "--model-location",
+        nargs="+",
+        required=True,
+        help="run dirs, .ckpt files, HF exports, local HF ESM dirs or fair-esm .pt files",
     )
     parser.add_argument("--sequence", help="base sequence to which mutations were applied (not with --dms-mapping)")
     parser.add_argument(
