@@ -99,8 +99,10 @@ def test_logits_and_contacts_equal_fair_esm(files, kind):
 
 
 def test_every_tool_reads_a_pt(files, fasta, tmp_path):  # noqa: F811
-    """embed, score and model.init_from take the .pt and give what fair-esm's model gives."""
+    """embed, score, eval and model.init_from take the .pt and give what fair-esm's model gives."""
+    from protein_mlm.inference.evaluate import evaluate
     from protein_mlm.training.module import MaskedLMModule
+    from tests.test_eval_export import eval_cfg
 
     path, reference = files["esm2"]
     run_embed(path, fasta, tmp_path / "emb", "--include", "mean", "--repr_layers", "-1")
@@ -119,6 +121,8 @@ def test_every_tool_reads_a_pt(files, fasta, tmp_path):  # noqa: F811
         lp = torch.log_softmax(reference(tokens_of([WILD_TYPE]))["logits"], -1)[0]
     expected = float(lp[2, alphabet.get_idx("A")] - lp[2, alphabet.get_idx("K")])
     assert df[str(path)].iloc[0] == pytest.approx(expected, abs=1e-4)
+    report = evaluate(eval_cfg(tmp_path, path, fasta))
+    assert report["checkpoint"] == str(path) and report["sequences"] == len(RECORDS) and report["loss"] > 0
     module = MaskedLMModule(architecture=load_model(path).architecture, init_from=str(path))
     assert module.contact_head_trained
     torch.testing.assert_close(
