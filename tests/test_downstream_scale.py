@@ -12,7 +12,7 @@ from protein_mlm.inference.tracking import Scan, passes_per_validation
 from protein_mlm.inference.zero_shot import merge_parts, optimal_window, parse_mutant, rank_part, score_mutants
 from tests.test_downstream import OFFSET, WILD_TYPE, dms_frame, fair_esm, hf_dir  # noqa: F401 (fixtures)
 
-FIXTURE_SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FIXTURE_SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,8 @@ def reference(model, mutants_text, strategy, window):
     convert = alphabet.get_batch_converter()
     if strategy == "masked-marginals":
         tokens = convert([("p", WILD_TYPE)])[2]
-        lp = {i: proteingym_masked(model, tokens, i + 1, window) for i in range(len(WILD_TYPE))}
+        sites = {int(m[1:-1]) - OFFSET for text in mutants_text for m in text.split(":")}
+        lp = {i: proteingym_masked(model, tokens, i + 1, window) for i in sites}
         scores = []
         for text in mutants_text:
             parts = [(m[0], int(m[1:-1]) - OFFSET, m[-1]) for m in text.split(":")]
