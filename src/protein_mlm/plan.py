@@ -4,6 +4,7 @@ the schedule function and the plan table. Everything after the checks reads the 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -362,11 +363,16 @@ def resolved_rows(plan: RunPlan) -> list[tuple[str, str]]:
 
 def zero_shot_cost(zero_shot: DictConfig, devices: int) -> str:
     """What callbacks.zero_shot adds to every validation: sequences read, split over the ranks."""
-    from protein_mlm.inference.tracking import load_scan, passes_per_validation
+    from protein_mlm.inference.proteingym import read_reference
+    from protein_mlm.inference.tracking import assay_scan, load_scan, passes_per_validation
 
     scans = [load_scan(dict(spec)) for spec in zero_shot.get("scans") or []]
+    if zero_shot.get("reference"):  # a ProteinGym panel
+        ids = list(zero_shot.get("dms_ids") or []) or None
+        assays = read_reference(Path(zero_shot.reference), Path(zero_shot.dms_folder), ids)
+        scans += [assay_scan(assay) for assay in assays]
     strategy = zero_shot.get("strategy", "masked-marginals")
     passes = passes_per_validation(scans, strategy)
     mutants = sum(len(scan.mutants) for scan in scans)
-    per_rank = f", about {math.ceil(passes / devices):,} per rank" if devices > 1 else ""
+    per_rank = f", about {passes_per_validation(scans, strategy, devices):,} per rank" if devices > 1 else ""
     return f"{len(scans)} scans, {mutants:,} mutants, {passes:,} sequence passes ({strategy}){per_rank}"

@@ -31,6 +31,7 @@ def embed_main() -> None:
 
 def score_main() -> None:
     """Entry point of `python score.py` and the `protein-mlm-score` console script."""
-    from protein_mlm.inference.score import create_parser, run
+    from protein_mlm.inference.proteingym import run
+    from protein_mlm.inference.score import create_parser
 
     argparse_main(create_parser, run)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import Progress
 
 from protein_mlm.data.readers import read_records
 from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, PAD_ID, encode_residues
 from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.inference.loading import LoadedModel, device_for, load_model
+from protein_mlm.inference.progress import progress_bar
 from protein_mlm.inference.writers import NpyWriter, PtWriter, Record, check_manifest
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,9 @@ def create_parser() -> argparse.ArgumentParser:
         description="Extract per-token representations and model outputs for sequences in a FASTA file "
         "(the arguments and .pt files of fair-esm's scripts/extract.py)",
     )
-    parser.add_argument("model_location", help="a run dir, a .ckpt, an HF export or a local HF ESM-2 directory")
+    parser.add_argument(
+        "model_location", help="a run dir, a .ckpt, an HF export, a local HF ESM directory or a fair-esm .pt"
+    )
     parser.add_argument("fasta_file", type=Path, help="FASTA file on which to extract representations")
     parser.add_argument("output_dir", type=Path, help="output directory for extracted representations")
     parser.add_argument("--toks_per_batch", type=int, default=4096, help="maximum batch size (padded tokens)")
@@ -135,6 +137,8 @@ def prepare(args: argparse.Namespace) -> tuple[LoadedModel, list[Record], list[i
     """Check every input before anything is written: a refused run leaves nothing behind."""
     if args.toks_per_batch < 1 or args.truncation_seq_length < 1:
         raise ConfigError("--toks_per_batch and --truncation_seq_length must be positive")
+    if not Path(args.fasta_file).is_file():
+        raise DataError(f"{args.fasta_file} does not exist; pass the FASTA file of the sequences to embed")
     contacts = "contacts" in args.include
     loaded = load_model(args.model_location, attn_implementation="eager" if contacts else "sdpa")
     if contacts and not loaded.contact_head_trained:
@@ -159,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     loaded, records, layers = prepare(args)
     out: Path = args.output_dir
     manifest = {
-        "model": str(loaded.source),
+        "model": str(loaded.source.resolve()),  # as the FASTA: a rerun may name the model by another path
         "fasta": str(Path(args.fasta_file).resolve()),
         "records": len(records),
         "repr_layers": layers,
@@ -177,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     todo = sum(not writer.done(r) for r in records)
     print(f"Read {args.fasta_file} with {len(records)} sequences; {len(records) - todo} already in {out}", flush=True)
-    longer = sum(r.cut for r in records)
+    longer = sum(r.cut and not writer.done(r) for r in records)  # only those this run writes: no repeat on rerun
     if longer:  # extract.py cuts silently; a user should know their embeddings miss residues
         log.warning(
             "%d sequences are longer than --truncation_seq_length=%d residues and were cut to their first %d",
@@ -187,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         )
     loaded.model.to(device_for(args.nogpu))
     written = 0
-    with Progress(transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("Embedding", total=todo)
         for chunk in read_chunks(args.fasta_file, args.truncation_seq_length):
             chunk = [item for item in chunk if not writer.done(records[item[0]])]

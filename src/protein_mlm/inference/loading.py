@@ -1,6 +1,8 @@
-"""One loader for every model the project makes or reads: a run dir, a .ckpt, an HF export, a local HF ESM-2 dir."""
+"""One loader for every model the project makes or reads: a run dir, a .ckpt, an HF export, a local HF ESM dir,
+a fair-esm .pt file."""
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from transformers import EsmConfig, EsmForMaskedLM
 from protein_mlm.data.tokenizer import VOCAB
 from protein_mlm.errors import ConfigError
 from protein_mlm.model import attention
+from protein_mlm.model.fair_esm import load_fair_esm
 from protein_mlm.training.checkpoint import (
     CONTACT_HEAD_KEY,
     describe_checkpoint,
@@ -62,11 +65,33 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+HUB_NAME = re.compile(r"^(?:[\w.-]+/)?(?:esm[\w.-]*)$", re.IGNORECASE)  # facebook/esm2_t6_8M_UR50D, esm1v_t33_...
+
+
+def not_downloaded(location: str) -> str | None:
+    """For a location that is not here but reads as a model name: nothing is downloaded, how to get a local copy."""
+    if Path(location).exists() or not HUB_NAME.match(location):
+        return None
+    if "/" in location:
+        return (
+            f"{location} is not a local path, and nothing is downloaded here; fetch it once with "
+            f"`huggingface-cli download {location} --local-dir <dir>` and pass that directory"
+        )
+    return (
+        f"{location} is not a local path, and nothing is downloaded here; pass fair-esm's file "
+        f"(~/.cache/torch/hub/checkpoints/{location}.pt after esm.pretrained.{location}()) or an HF directory"
+    )
+
+
 def resolve_model(location: str | Path) -> Path:
-    """The file or directory to load: a HF directory as given, a run dir's best checkpoint, a .ckpt as given."""
+    """The file or directory to load: a HF directory or fair-esm .pt as given, a run dir's best checkpoint, a .ckpt
+    as given."""
     path = Path(location)
-    if is_hf_dir(path):
+    if is_hf_dir(path) or (path.is_file() and path.suffix == ".pt"):
         return path
+    message = not_downloaded(str(location))
+    if message:
+        raise ConfigError(message)
     if path.is_dir() and not (path / "checkpoints").is_dir():
         raise ConfigError(
             f"{path} is neither a run dir (no checkpoints/) nor a Hugging Face model directory (no config.json); "
@@ -129,13 +154,27 @@ def load_ckpt(path: Path, attn_implementation: str) -> LoadedModel:
     )
 
 
+def load_pt(path: Path, attn_implementation: str) -> LoadedModel:
+    """A fair-esm .pt (ESM-2, ESM-1b, ESM-1v), converted by name; its contact head is fitted if the
+    -contact-regression.pt file lies beside it (or the weights hold it)."""
+    model, trained = load_fair_esm(path, attn_implementation)
+    architecture = {field: getattr(model.config, field) for field in CONFIG_FIELDS}
+    return LoadedModel(model, trained, path, f"{path} (fair-esm)", architecture)
+
+
 def load_model(location: str | Path, attn_implementation: str = "sdpa") -> LoadedModel:
-    """Load `location` (run dir, .ckpt, HF export or HF ESM-2 dir) as an EsmForMaskedLM in eval mode, on the CPU.
+    """Load `location` (run dir, .ckpt, HF export, HF ESM dir or fair-esm .pt) as an EsmForMaskedLM in eval mode,
+    on the CPU.
 
     `attn_implementation`: "sdpa" (this project's, for speed) or "eager" (attention weights, for contacts).
     """
     path = resolve_model(location)
-    loaded = load_hf_dir(path, attn_implementation) if is_hf_dir(path) else load_ckpt(path, attn_implementation)
+    if is_hf_dir(path):
+        loaded = load_hf_dir(path, attn_implementation)
+    elif path.suffix == ".pt":
+        loaded = load_pt(path, attn_implementation)
+    else:
+        loaded = load_ckpt(path, attn_implementation)
     loaded.model.requires_grad_(False)
     return loaded
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.inference.loading import device_for, load_model, resolve_model
+from protein_mlm.inference.progress import progress_bar
 from protein_mlm.inference.zero_shot import STRATEGIES, WINDOWS, Mutation, check_sequence, parse_mutant, score_mutants
 
 
@@ -24,14 +26,34 @@ def create_parser() -> argparse.ArgumentParser:
         "multi-mutants A42G:C50D and long proteins as ProteinGym)",
     )
     parser.add_argument(
-        "--model-location", nargs="+", required=True, help="run dirs, .ckpt files, HF exports or local HF ESM dirs"
+        "--model-location",
+        nargs="+",
+        required=True,
+        help="run dirs, .ckpt files, HF exports, local HF ESM dirs or fair-esm .pt files",
     )
-    parser.add_argument("--sequence", required=True, help="base sequence to which mutations were applied")
-    parser.add_argument("--dms-input", type=Path, required=True, help="CSV file containing the deep mutational scan")
+    parser.add_argument("--sequence", help="base sequence to which mutations were applied (not with --dms-mapping)")
+    parser.add_argument(
+        "--dms-input", type=Path, required=True, help="CSV file of the scan (with --dms-mapping: the folder of CSVs)"
+    )
     parser.add_argument("--mutation-col", default="mutant", help="column labeling the mutation as 'AiB' (or AiB:CjD)")
-    parser.add_argument("--dms-output", type=Path, required=True, help="output CSV: the scan along with predictions")
+    parser.add_argument(
+        "--dms-output", type=Path, required=True, help="output CSV (with --dms-mapping: a folder, one CSV per assay)"
+    )
     parser.add_argument("--offset-idx", type=int, default=0, help="number of the first residue in the mutant names")
-    parser.add_argument("--scoring-strategy", default="wt-marginals", choices=STRATEGIES)
+    parser.add_argument(
+        "--scoring-strategy",
+        default="wt-marginals",
+        choices=STRATEGIES,
+        help="wt-marginals: one pass over the wild type; masked-marginals: one pass per mutated site, masked; "
+        "pseudo-ppl: one pass per residue of every mutant (slow)",
+    )
+    parser.add_argument(
+        "--dms-mapping",
+        type=Path,
+        help="ProteinGym's reference file (DMS_substitutions.csv: DMS_id, DMS_filename, target_seq): score every "
+        "assay in it, resumably, and write summary.csv",
+    )
+    parser.add_argument("--dms-ids", nargs="+", help="with --dms-mapping: only these DMS_id (default: all)")
     parser.add_argument(
         "--score-col", default="DMS_score", help="measured scores: when present, Spearman rho and n are printed"
     )
@@ -91,36 +113,59 @@ def write_atomically(df: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run(args: argparse.Namespace) -> pd.DataFrame:
-    """Score the scan with every model; write the CSV; print Spearman rho where measured scores exist."""
+def check_arguments(args: argparse.Namespace) -> None:
+    """The settings every scan shares; a bad one is refused before any model is loaded."""
     if args.scoring_window == "overlapping" and args.scoring_strategy != "wt-marginals":
         raise ConfigError("--scoring-window overlapping is for wt-marginals only (as in ProteinGym); use optimal")
     if args.model_window < 3:
         raise ConfigError("--model-window must hold <cls>, a residue and <eos>: 3 tokens at least")
-    sequence = check_sequence(args.sequence)
-    df = read_scan(args.dms_input, args.mutation_col)
-    mutants = parse_scan(df, args.mutation_col, sequence, args.offset_idx, args.dms_input)
-    for location in args.model_location:  # every path checked before the long part; loaded one at a time
-        resolve_model(location)
-    for location in args.model_location:
-        loaded = load_model(location)
-        if loaded.max_tokens and args.model_window > loaded.max_tokens:
-            raise ConfigError(
-                f"--model-window {args.model_window}: {loaded.description} has learned positions for "
-                f"{loaded.max_tokens} tokens; pass --model-window {loaded.max_tokens} or less"
-            )
-        loaded.model.to(device_for(args.nogpu))
-        print(f"Scoring {len(df)} mutants with {loaded.description} ({args.scoring_strategy})", flush=True)
-        df[location] = score_mutants(
-            loaded.model,
+
+
+def ready_model(location: str, args: argparse.Namespace) -> torch.nn.Module:
+    """The model at `location`, on its device, checked against --model-window."""
+    loaded = load_model(location)
+    if loaded.max_tokens and args.model_window > loaded.max_tokens:
+        raise ConfigError(
+            f"--model-window {args.model_window}: {loaded.description} has learned positions for "
+            f"{loaded.max_tokens} tokens; pass --model-window {loaded.max_tokens} or less"
+        )
+    return loaded.model.to(device_for(args.nogpu))
+
+
+def score_with_bar(model: torch.nn.Module, sequence: str, mutants: list, args: argparse.Namespace) -> np.ndarray:
+    """score_mutants with the CLI's settings; pseudo-ppl (minutes to hours) draws a bar of masked copies."""
+    with progress_bar() as bar:
+        task = bar.add_task("pseudo-ppl", total=len(sequence) * len(mutants))
+        progress = (lambda n: bar.advance(task, n)) if args.scoring_strategy == "pseudo-ppl" else None
+        return score_mutants(
+            model,
             sequence,
             mutants,
             args.scoring_strategy,
             args.model_window,
             args.scoring_window,
             args.toks_per_batch,
+            progress,
         )
-        del loaded
+
+
+def run(args: argparse.Namespace) -> pd.DataFrame:
+    """Score the scan with every model; write the CSV; print Spearman rho where measured scores exist."""
+    check_arguments(args)
+    if not args.sequence:
+        raise ConfigError(
+            "--sequence is missing; pass the wild type (or --dms-mapping with ProteinGym's reference file)"
+        )
+    sequence = check_sequence(args.sequence)
+    df = read_scan(args.dms_input, args.mutation_col)
+    mutants = parse_scan(df, args.mutation_col, sequence, args.offset_idx, args.dms_input)
+    for location in args.model_location:  # every path checked before the long part; loaded one at a time
+        resolve_model(location)
+    for location in args.model_location:
+        model = ready_model(location, args)
+        print(f"Scoring {len(df)} mutants with {location} ({args.scoring_strategy})", flush=True)
+        df[location] = score_with_bar(model, sequence, mutants, args)
+        del model
     write_atomically(df, args.dms_output)
     print(f"Wrote {args.dms_output}", flush=True)
     if args.score_col in df.columns:

@@ -1,7 +1,8 @@
 """Zero-shot variant-effect scores as a validation metric: `val/zero_shot/<name>_spearman` at every validation.
 
 Enabled with the `callbacks.zero_shot` entry (configs/callbacks/default.yaml). Nothing runs on the training
-step: the scans are scored after each validation pass, split across DDP ranks, and the plan table shows the cost.
+step: the scans are scored after each validation pass, split across DDP ranks (by site for masked-marginals, by
+mutant otherwise), and the plan table shows one rank's cost.
 """
 
 import math
@@ -15,8 +16,17 @@ import pytorch_lightning as pl
 import torch
 
 from protein_mlm.errors import ConfigError
+from protein_mlm.inference.proteingym import Assay, read_reference
 from protein_mlm.inference.score import parse_scan, read_scan, spearman
-from protein_mlm.inference.zero_shot import STRATEGIES, Mutation, check_sequence, score_mutants
+from protein_mlm.inference.zero_shot import (
+    STRATEGIES,
+    Mutation,
+    check_sequence,
+    merge_parts,
+    part_shape,
+    rank_part,
+    sites_of,
+)
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
@@ -50,13 +60,27 @@ def load_scan(spec: dict[str, Any]) -> Scan:
     return Scan(name, sequence, mutants, measured)
 
 
-def passes_per_validation(scans: list[Scan], strategy: str) -> int:
-    """Sequences the model reads per validation (one per masked copy): the cost the plan table shows."""
+def assay_scan(assay: Assay) -> Scan:
+    """A ProteinGym assay as a scan named by its DMS_id, its measurements in DMS_score."""
+    return load_scan(
+        {
+            "name": assay.dms_id,
+            "csv": str(assay.csv),
+            "sequence": assay.sequence,
+            "offset_idx": assay.offset,
+            "mutation_col": assay.mutation_col,
+        }
+    )
+
+
+def passes_per_validation(scans: list[Scan], strategy: str, world: int = 1) -> int:
+    """Sequences one rank reads per validation (one per masked copy; rank 0's share, the largest): the cost the
+    plan table shows. wt-marginals reads the wild type on every rank; the others split as `rank_part` does."""
     if strategy == "wt-marginals":
         return len(scans)
     if strategy == "masked-marginals":
-        return sum(len({m.index for mutant in scan.mutants for m in mutant}) for scan in scans)
-    return sum(len(scan.sequence) * len(scan.mutants) for scan in scans)
+        return sum(len(sites_of(scan.mutants)[::world]) for scan in scans)
+    return sum(len(scan.sequence) * len(scan.mutants[::world]) for scan in scans)
 
 
 class ZeroShotScores(pl.Callback):
@@ -64,16 +88,27 @@ class ZeroShotScores(pl.Callback):
 
     def __init__(
         self,
-        scans: list[dict[str, Any]],
+        scans: list[dict[str, Any]] | None = None,
         strategy: str = "masked-marginals",
         model_window: int = 1024,
         toks_per_batch: int = 4096,
+        reference: str | None = None,
+        dms_folder: str | None = None,
+        dms_ids: list[str] | None = None,
     ):
         if strategy not in STRATEGIES:
             raise ConfigError(f"callbacks.zero_shot.strategy={strategy} is not one of {', '.join(STRATEGIES)}")
-        if not scans:
-            raise ConfigError("callbacks.zero_shot.scans is empty; list at least one {name, csv, sequence}")
-        self.scans = [load_scan(dict(spec)) for spec in scans]
+        if not scans and not reference:
+            raise ConfigError(
+                "callbacks.zero_shot has no scans; list {name, csv, sequence} entries or give reference "
+                "(ProteinGym's DMS_substitutions.csv) and dms_folder"
+            )
+        if reference and not dms_folder:
+            raise ConfigError("callbacks.zero_shot.reference needs dms_folder, the folder of the assays' CSVs")
+        self.scans = [load_scan(dict(spec)) for spec in scans or []]
+        if reference:  # a ProteinGym panel: the assays named in dms_ids (all when omitted)
+            assays = read_reference(Path(reference), Path(dms_folder), list(dms_ids) if dms_ids else None)
+            self.scans += [assay_scan(assay) for assay in assays]
         names = [scan.name for scan in self.scans]
         if len(set(names)) < len(names):
             raise ConfigError(f"callbacks.zero_shot.scans: names must differ ({', '.join(names)})")
@@ -102,25 +137,21 @@ class ZeroShotScores(pl.Callback):
             logger.log_metrics(metrics, step=step)
 
     def _score_split(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scan: Scan) -> np.ndarray:
-        """This rank scores mutants rank, rank + world, ...; an all-gather gives every rank all scores."""
+        """This rank scores its share (sites for masked-marginals, mutants otherwise); an all-gather gives every
+        rank every part, merged into the whole scan's scores."""
         rank, world = trainer.global_rank, trainer.world_size
-        mine = scan.mutants[rank::world]
         model = pl_module.model
         was_training = model.training
         model.eval()
-        scores = (
-            score_mutants(model, scan.sequence, mine, self.strategy, self.model_window, "optimal", self.toks_per_batch)
-            if mine
-            else np.zeros(0)
-        )
+        part = rank_part(
+            model, scan.sequence, scan.mutants, self.strategy, rank, world, self.model_window, "optimal",
+            self.toks_per_batch,
+        )  # fmt: skip
         model.train(was_training)
         if world == 1:
-            return scores
-        share = math.ceil(len(scan.mutants) / world)
-        padded = torch.full((share,), float("nan"), dtype=torch.float64, device=pl_module.device)
-        padded[: len(scores)] = torch.as_tensor(scores, dtype=torch.float64)
-        gathered = trainer.strategy.all_gather(padded).cpu().numpy()  # (world, share)
-        out = np.empty(len(scan.mutants))
-        for r in range(world):
-            out[r::world] = gathered[r][: len(out[r::world])]
-        return out
+            return merge_parts(scan.mutants, self.strategy, [part])
+        shapes = [part_shape(scan.mutants, self.strategy, r, world) for r in range(world)]
+        padded = torch.zeros(shapes[0], dtype=torch.float64, device=pl_module.device)  # rank 0's share is largest
+        padded[: len(part)] = torch.as_tensor(part, dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(padded).cpu().numpy()  # (world, *shapes[0])
+        return merge_parts(scan.mutants, self.strategy, [gathered[r][: shapes[r][0]] for r in range(world)])

@@ -13,8 +13,9 @@ site in its "optimal" window (`get_optimal_window`), or, for wt-marginals, "over
 import contextlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,38 +96,62 @@ def optimal_window(position: int, length: int, window: int) -> tuple[int, int]:
 def log_probs(model: EsmForMaskedLM, tokens: torch.Tensor) -> torch.Tensor:
     """(B, T, vocab) fp32 log-softmax of equal-length rows; bf16 autocast on a GPU."""
     device = next(model.parameters()).device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    with autocast_for(device):
         logits = model(input_ids=tokens.to(device)).logits
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
-def chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def autocast_for(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def log_probs_at(model: EsmForMaskedLM, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, vocab) fp32 log-softmax at one token per row: the LM head runs on those B positions only."""
+    device = next(model.parameters()).device
+    with autocast_for(device):
+        hidden = model.esm(input_ids=tokens.to(device)).last_hidden_state  # (B, T, hidden)
+        picked = hidden[torch.arange(len(targets), device=device), targets.to(device)]  # (B, hidden)
+        logits = model.lm_head(picked)
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def masked_batches(
+    rows: Iterable[tuple[Any, torch.Tensor, int]], window: int, toks_per_batch: int
+) -> Iterator[tuple[list, torch.Tensor, torch.Tensor]]:
+    """(keys, masked windows (B, W), target positions (B,)) for a stream of (key, tokens, token position) rows.
+
+    Each site is masked in its ProteinGym optimal window; an odd window gives edge windows one token longer than
+    middle ones, so rows wait in one buffer per window length and a batch holds one length. At most one batch
+    per length is held: memory does not grow with the number of rows.
+    """
+    buffers: dict[int, list] = {}
+    for key, tokens, position in rows:
+        start, end = optimal_window(position, len(tokens), window)
+        masked = tokens[start:end].clone()
+        masked[position - start] = MASK_ID
+        buffer = buffers.setdefault(end - start, [])
+        buffer.append((key, masked, position - start))
+        if len(buffer) >= max(1, toks_per_batch // (end - start)):
+            yield stack(buffer)
+            buffer.clear()
+    for buffer in buffers.values():
+        if buffer:
+            yield stack(buffer)
+
+
+def stack(buffer: list) -> tuple[list, torch.Tensor, torch.Tensor]:
+    keys, windows, targets = zip(*buffer)
+    return list(keys), torch.stack(windows), torch.tensor(targets)
 
 
 def masked_site_log_probs(
-    model: EsmForMaskedLM, rows: list[tuple[torch.Tensor, int]], window: int, toks_per_batch: int
-) -> list[torch.Tensor]:
-    """For each (tokens, token position): the vocab log-probs there with that token masked, in its optimal window.
-
-    All rows must have one length; every window then has one length too, so masked copies batch by stacking.
-    """
-    out = []
-    if not rows:
-        return out
-    width = min(len(rows[0][0]), window)
-    for group in chunks(rows, max(1, toks_per_batch // width)):
-        batch, targets = [], []
-        for tokens, position in group:
-            start, end = optimal_window(position, len(tokens), window)
-            masked = tokens.clone()
-            masked[position] = MASK_ID
-            batch.append(masked[start:end])
-            targets.append(position - start)
-        lp = log_probs(model, torch.stack(batch))
-        out.extend(lp[row, target] for row, target in enumerate(targets))
+    model: EsmForMaskedLM, tokens: torch.Tensor, positions: list[int], window: int, toks_per_batch: int
+) -> dict[int, torch.Tensor]:
+    """{token position: vocab log-probs there with that token masked, in its optimal window} for one sequence."""
+    out = {}
+    for keys, batch, targets in masked_batches(((p, tokens, p) for p in positions), window, toks_per_batch):
+        out.update(zip(keys, log_probs_at(model, batch, targets)))
     return out
 
 
@@ -172,8 +197,8 @@ def site_log_probs(
     tokens = tokens_of(sequence)
     positions = sorted(sites)
     if strategy == "masked-marginals":
-        rows = [(tokens, i + 1) for i in positions]
-        return dict(zip(positions, masked_site_log_probs(model, rows, window, toks_per_batch)))
+        lp = masked_site_log_probs(model, tokens, [i + 1 for i in positions], window, toks_per_batch)
+        return {i: lp[i + 1] for i in positions}
     if len(tokens) > window and scoring_window == "overlapping":
         lp = overlapping_log_probs(model, tokens, window)
         return {i: lp[i + 1] for i in positions}
@@ -183,7 +208,7 @@ def site_log_probs(
     out = {}
     for (start, end), members in by_window.items():
         lp = log_probs(model, tokens[None, start:end])[0]
-        out.update({i: lp[i + 1 - start] for i in members})
+        out.update({i: lp[i + 1 - start].clone() for i in members})  # a copy: the (T, vocab) pass is freed
     return out
 
 
@@ -194,19 +219,93 @@ def mutated(sequence: str, mutations: list[Mutation]) -> str:
     return "".join(residues)
 
 
-def pseudo_log_likelihood(model: EsmForMaskedLM, sequences: list[str], window: int, toks_per_batch: int) -> list[float]:
-    """Sum over every residue of log p(residue | the sequence with it masked), per sequence (equal lengths)."""
-    rows, owners, targets = [], [], []
-    for n, sequence in enumerate(sequences):
-        tokens = tokens_of(sequence)
-        for i, residue in enumerate(sequence):
-            rows.append((tokens, i + 1))
-            owners.append(n)
-            targets.append(VOCAB.index(residue))
-    totals = np.zeros(len(sequences))
-    for lp, owner, target in zip(masked_site_log_probs(model, rows, window, toks_per_batch), owners, targets):
-        totals[owner] += float(lp[target])
-    return totals.tolist()
+def pseudo_log_likelihood(
+    model: EsmForMaskedLM,
+    sequences: Iterable[str],
+    count: int,
+    window: int,
+    toks_per_batch: int,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Sum over every residue of log p(residue | the sequence with it masked), per sequence (equal lengths).
+
+    Reduced per batch: each (B, vocab) block is cut to the B target log-probs and added to its sequence's total,
+    so memory holds one batch and `count` floats whatever the number of sequences.
+    """
+    totals = np.zeros(count)
+
+    def rows() -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
+        for n, sequence in enumerate(sequences):
+            tokens = tokens_of(sequence)
+            for i in range(len(sequence)):
+                yield (n, int(tokens[i + 1])), tokens, i + 1
+
+    for keys, batch, targets in masked_batches(rows(), window, toks_per_batch):
+        owners, residues = (torch.tensor(k) for k in zip(*keys))
+        picked = log_probs_at(model, batch, targets).gather(1, residues[:, None])[:, 0].double().numpy()
+        np.add.at(totals, owners.numpy(), picked)
+        if progress:
+            progress(len(keys))
+    return totals
+
+
+def sites_of(mutants: list[list[Mutation]]) -> list[int]:
+    """The distinct sequence indices the mutants change, sorted: masked-marginals' unit of work."""
+    return sorted({m.index for mutant in mutants for m in mutant})
+
+
+def rank_part(
+    model: EsmForMaskedLM,
+    sequence: str,
+    mutants: list[list[Mutation]],
+    strategy: str,
+    rank: int = 0,
+    world: int = 1,
+    window: int = 1024,
+    scoring_window: str = "optimal",
+    toks_per_batch: int = 4096,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """One rank's share of a scan: masked-marginals splits the distinct sites (each is one pass), returning the
+    (sites[rank::world], vocab) log-prob rows; the others split the mutants, returning mutants[rank::world]'s scores.
+    `merge_parts` turns every rank's part into the whole scan's scores."""
+    if strategy == "masked-marginals":
+        mine = sites_of(mutants)[rank::world]
+        lp = site_log_probs(model, sequence, set(mine), strategy, window, scoring_window, toks_per_batch)
+        return np.stack([lp[i].double().numpy() for i in mine]) if mine else np.zeros((0, len(VOCAB)))
+    share = mutants[rank::world]
+    if strategy == "pseudo-ppl":
+        sequences = (mutated(sequence, m) for m in share)
+        return pseudo_log_likelihood(model, sequences, len(share), window, toks_per_batch, progress)
+    lp = site_log_probs(model, sequence, set(sites_of(share)), strategy, window, scoring_window, toks_per_batch)
+    return np.array([log_ratio(lp, mutant) for mutant in share])
+
+
+def log_ratio(lp: dict[int, Any], mutant: list[Mutation]) -> float:
+    """Sum over the mutant's sites of log p(mt) - log p(wt) (ProteinGym's label_row)."""
+    return sum(float(lp[m.index][VOCAB.index(m.mt)] - lp[m.index][VOCAB.index(m.wt)]) for m in mutant)
+
+
+def part_shape(mutants: list[list[Mutation]], strategy: str, rank: int, world: int) -> tuple[int, ...]:
+    """The shape of `rank_part`'s answer on `rank`: what a gather pads to and trims back."""
+    if strategy == "masked-marginals":
+        return len(sites_of(mutants)[rank::world]), len(VOCAB)
+    return (len(mutants[rank::world]),)
+
+
+def merge_parts(mutants: list[list[Mutation]], strategy: str, parts: list[np.ndarray]) -> np.ndarray:
+    """Every rank's `rank_part`, in rank order, into one score per mutant (equal to one process's)."""
+    world = len(parts)
+    if strategy == "masked-marginals":
+        sites = sites_of(mutants)
+        lp = {}
+        for rank, part in enumerate(parts):
+            lp.update(zip(sites[rank::world], part))
+        return np.array([log_ratio(lp, mutant) for mutant in mutants])
+    out = np.empty(len(mutants))
+    for rank, part in enumerate(parts):
+        out[rank::world] = part
+    return out
 
 
 def score_mutants(
@@ -217,15 +316,10 @@ def score_mutants(
     window: int = 1024,
     scoring_window: str = "optimal",
     toks_per_batch: int = 4096,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """One score per mutant: summed log-ratios (wt-/masked-marginals) or the mutant's pseudo-log-likelihood."""
-    if strategy == "pseudo-ppl":
-        return np.array(pseudo_log_likelihood(model, [mutated(sequence, m) for m in mutants], window, toks_per_batch))
-    sites = {m.index for mutant in mutants for m in mutant}
-    lp = site_log_probs(model, sequence, sites, strategy, window, scoring_window, toks_per_batch)
-    return np.array(
-        [
-            sum(float(lp[m.index][VOCAB.index(m.mt)] - lp[m.index][VOCAB.index(m.wt)]) for m in mutant)
-            for mutant in mutants
-        ]
-    )
+    """One score per mutant: summed log-ratios (wt-/masked-marginals) or the mutant's pseudo-log-likelihood.
+
+    `progress(n)` is called as n more masked copies are scored (pseudo-ppl, the long one)."""
+    part = rank_part(model, sequence, mutants, strategy, 0, 1, window, scoring_window, toks_per_batch, progress)
+    return merge_parts(mutants, strategy, [part])

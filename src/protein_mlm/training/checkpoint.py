@@ -12,6 +12,7 @@ from transformers import EsmForMaskedLM
 from protein_mlm.data.tokenizer import load_tokenizer
 from protein_mlm.errors import ConfigError
 from protein_mlm.model.esm import build_model
+from protein_mlm.model.fair_esm import load_fair_esm
 
 # Version 2: the data position lives in the training loader's state (loader.ResumableLoader), counters are at an
 # update boundary. A checkpoint without it (or older) cannot continue a run exactly.
@@ -107,10 +108,15 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def check_init_from(directory: str | Path) -> Path:
-    """model.init_from must be a local Hugging Face model directory (its config.json at least)."""
+    """model.init_from must be a local Hugging Face model directory (its config.json at least) or a fair-esm .pt."""
     directory = Path(directory)
+    if directory.is_file() and directory.suffix == ".pt":
+        return directory
     if not (directory / "config.json").is_file():
-        raise ConfigError(f"model.init_from={directory} holds no config.json; pass a local Hugging Face ESM directory")
+        raise ConfigError(
+            f"model.init_from={directory} holds no config.json; pass a local Hugging Face ESM directory "
+            "or a fair-esm .pt file"
+        )
     return directory
 
 
@@ -118,7 +124,11 @@ def load_pretrained_into(model: EsmForMaskedLM, directory: str | Path) -> bool:
     """Copy the weights of a local Hugging Face ESM directory into `model` (the architectures must match); returns
     whether its contact head was trained (a directory without this project's marker is ESM's own: trained)."""
     directory = check_init_from(directory)
-    pretrained = EsmForMaskedLM.from_pretrained(directory, local_files_only=True)
+    if directory.suffix == ".pt":
+        pretrained, trained = load_fair_esm(directory)
+        setattr(pretrained.config, CONTACT_HEAD_KEY, trained)
+    else:
+        pretrained = EsmForMaskedLM.from_pretrained(directory, local_files_only=True)
     differing = [
         f"{field}: {getattr(pretrained.config, field)} there, {getattr(model.config, field)} here"
         for field in ARCHITECTURE_FIELDS
