@@ -89,7 +89,7 @@ def run_hf(name: str, model_name: str, max_length: int, batch_size: int, clock: 
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, load_tokenizer
+    from protein_mlm.alphabet import CLS_ID, EOS_ID, load_tokenizer
     from protein_mlm.model.esm import build_model
 
     cfg = compose(model_name, max_length, [])

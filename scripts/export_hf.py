@@ -7,7 +7,7 @@ Then:  EsmForMaskedLM.from_pretrained(out_dir); AutoTokenizer.from_pretrained(ou
 import sys
 
 from protein_mlm.errors import UserError
-from protein_mlm.training.checkpoint import export_hf
+from protein_mlm.model.checkpoints import export_hf
 
 
 def main() -> None:

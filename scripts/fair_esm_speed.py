@@ -96,7 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ours.save_pretrained(tmp / "hf")
-        from protein_mlm.data.tokenizer import load_tokenizer
+        from protein_mlm.alphabet import load_tokenizer
 
         load_tokenizer().save_pretrained(tmp / "hf")
         lengths = rng.integers(args.length // 2, args.length * 3 // 2, size=args.records)

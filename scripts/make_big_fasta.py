@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from protein_mlm.alphabet import STANDARD_AMINO_ACIDS
 from protein_mlm.data.fasta import read_fasta
 from protein_mlm.data.preprocess import BUNDLED_FASTA
-from protein_mlm.data.tokenizer import STANDARD_AMINO_ACIDS
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ from tests.conftest import CONFIG_DIR, ROOT
 PACKAGE = ROOT / "src" / "protein_mlm"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 # Floors, lowest first: a module imports only from its own floor or below. Top-level modules are the entry edge,
-# except the shared error types, override parsing and value rules, which every floor may use.
-FLOORS = {"errors": 0, "overrides": 0, "rules": 0, "data": 1, "model": 2, "reporting": 3, "training": 4, "inference": 5}
+# except the shared error types, override parsing, value rules and the ESM alphabet, which every floor may use.
+FLOORS = {"errors": 0, "overrides": 0, "rules": 0, "alphabet": 0}
+FLOORS |= {"data": 1, "model": 2, "reporting": 3, "training": 4, "inference": 5}
 EDGE = 6
 
 # pattern -> the one file allowed to hold it
@@ -62,6 +63,25 @@ def test_imports_never_run_up_a_floor():
         if target != "protein_mlm" and floor(target) > floor(source)
     ]
     assert not upward
+
+
+# Imports the floors would allow but the design rules out: (package, package it must not import, why).
+FORBIDDEN = [
+    ("model", "protein_mlm.data", "the network is below the data pipeline: the alphabet is floor 0's alphabet.py"),
+    ("inference", "protein_mlm.training", "inference reads checkpoint formats (model/checkpoints.py), not the trainer"),
+]
+
+
+@pytest.mark.parametrize(("package", "forbidden", "why"), FORBIDDEN, ids=[f"{p} !-> {f}" for p, f, _ in FORBIDDEN])
+def test_packages_skip_what_they_must_not_know(package, forbidden, why):
+    wrong = [
+        f"{source} -> {target}"
+        for source, targets in GRAPH.items()
+        if source.startswith(f"protein_mlm.{package}")
+        for target in targets
+        if target == forbidden or target.startswith(forbidden + ".")
+    ]
+    assert not wrong, f"{why}: {wrong}"
 
 
 def test_the_module_graph_has_no_cycle():

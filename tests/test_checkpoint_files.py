@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from protein_mlm.data import preprocess
-from protein_mlm.training.checkpoint import AtomicCheckpointIO, resolve_checkpoint
+from protein_mlm.model.checkpoints import resolve_checkpoint
+from protein_mlm.training.checkpoint import AtomicCheckpointIO
 
 
 def test_a_run_dir_resolves_to_its_lowest_validation_loss_not_its_latest_step(tmp_path):

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from protein_mlm.alphabet import PAD_ID, load_tokenizer
 from protein_mlm.data import preprocess
 from protein_mlm.data.datamodule import ProteinDataModule
 from protein_mlm.data.fasta import read_fasta
 from protein_mlm.data.masking import IGNORE_INDEX
 from protein_mlm.data.preprocess import build_splits, is_val_sequence, load_splits
 from protein_mlm.data.samplers import EpochSampler, TokenBudgetBatchSampler
-from protein_mlm.data.tokenizer import PAD_ID, load_tokenizer
 from protein_mlm.errors import ConfigError, DataError
 
 
@@ -68,7 +68,7 @@ def test_dedup_and_hash_split_are_deterministic_and_order_free(tmp_path):
     as_set = lambda ds: {bytes(np.asarray(r, dtype=np.uint8)) for r in ds["input_ids"]}  # noqa: E731
     assert as_set(splits_f["val"]) == as_set(splits_b["val"])
     assert not as_set(splits_f["val"]) & as_set(splits_f["train"])
-    from protein_mlm.data.tokenizer import VOCAB
+    from protein_mlm.alphabet import VOCAB
 
     decode = lambda ids: "".join(VOCAB[i] for i in ids).encode()  # noqa: E731
     assert all(is_val_sequence(decode(r), 0.1) for r in splits_f["val"]["input_ids"])

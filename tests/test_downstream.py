@@ -10,14 +10,14 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from protein_mlm.data.tokenizer import load_tokenizer
+from protein_mlm.alphabet import load_tokenizer
 from protein_mlm.inference import embed, score
 from protein_mlm.inference.commands import embed_main, score_main
 from protein_mlm.inference.convert import esm2_to_hf
 from protein_mlm.inference.loading import load_model
 from protein_mlm.inference.zero_shot import optimal_window
+from protein_mlm.model.checkpoints import CONTACT_HEAD_KEY, export_hf, load_checkpoint
 from protein_mlm.train import train
-from protein_mlm.training.checkpoint import CONTACT_HEAD_KEY, export_hf, load_checkpoint
 from tests.conftest import TINY, compose_config
 
 esm = pytest.importorskip("esm")  # fair-esm==2.0.0, a dev dependency

@@ -9,13 +9,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from transformers import AutoTokenizer, EsmForMaskedLM
 
+from protein_mlm.alphabet import encode_residues
 from protein_mlm.data.masking import collate, mask_tokens, sample_rng
 from protein_mlm.data.preprocess import BUNDLED_FASTA
-from protein_mlm.data.tokenizer import encode_residues
 from protein_mlm.errors import ConfigError
 from protein_mlm.inference.evaluate import evaluate
+from protein_mlm.model.checkpoints import export_hf, load_checkpoint, resolve_checkpoint
 from protein_mlm.train import train
-from protein_mlm.training.checkpoint import export_hf, load_checkpoint, resolve_checkpoint
 from protein_mlm.training.module import MaskedLMModule
 from tests.conftest import CONFIG_DIR, ROOT, TINY, compose_config
 

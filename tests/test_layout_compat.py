@@ -9,8 +9,8 @@ import shutil
 
 from transformers import EsmForMaskedLM
 
+from protein_mlm.model.checkpoints import export_hf
 from protein_mlm.reporting.tblog import read_scalars
-from protein_mlm.training.checkpoint import export_hf
 from tests.conftest import ROOT, run_cli
 
 FIXTURE = ROOT / "tests" / "fixtures" / "run_before_layout_move"

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from protein_mlm.alphabet import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AMINO_ACID_IDS, encode_residues
 from protein_mlm.data.masking import IGNORE_INDEX, collate, crop, mask_tokens, sample_rng
-from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AMINO_ACID_IDS, encode_residues
 
 RESIDUES = encode_residues(
     b"MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAG" * 4

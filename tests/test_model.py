@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from protein_mlm.data.tokenizer import MASK_ID, PAD_ID
+from protein_mlm.alphabet import MASK_ID, PAD_ID
 from protein_mlm.model import attention
 from protein_mlm.model.esm import build_model, count_parameters
 from tests.conftest import compose_config

@@ -11,11 +11,11 @@ from protein_mlm.data import packing
 from protein_mlm.data.masking import IGNORE_INDEX, collate, mask_tokens
 from protein_mlm.data.packing import SEGMENT_BUCKET, PackedBatches, best_fit_rows, collate_packed, next_fit_rows
 from protein_mlm.model import attention
+from protein_mlm.model.checkpoints import export_hf
 from protein_mlm.model.esm import build_model, esm_config
 from protein_mlm.model.packed import packed_logits
 from protein_mlm.reporting.tblog import read_scalars
 from protein_mlm.train import train
-from protein_mlm.training.checkpoint import export_hf
 from protein_mlm.training.module import MaskedLMModule
 from tests.conftest import compose_config
 

@@ -13,13 +13,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from protein_mlm.alphabet import encode_residues
 from protein_mlm.data.datamodule import MaskedSequenceDataset
 from protein_mlm.data.fasta import read_fasta
 from protein_mlm.data.masking import IGNORE_INDEX
 from protein_mlm.data.preprocess import BUNDLED_FASTA, build_splits, decode_ids, is_val_sequence
 from protein_mlm.data.samplers import EpochSampler, TokenBudgetBatchSampler
 from protein_mlm.data.streaming import StreamingFastaDataset
-from protein_mlm.data.tokenizer import encode_residues
 from protein_mlm.errors import ConfigError
 from protein_mlm.preflight import check_config
 from protein_mlm.reporting.tblog import read_scalars

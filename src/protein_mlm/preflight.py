@@ -16,9 +16,9 @@ from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.launch import distributed_rank
 from protein_mlm.model import memory
 from protein_mlm.model.attention import IMPLEMENTATIONS, PACKED
+from protein_mlm.model.checkpoints import CHECKPOINT_FORMAT, FORMAT_KEY, check_init_from, load_checkpoint
 from protein_mlm.plan import BF16_CAPABILITY, RunPlan, is_fp16, num_devices, resolve, uses_gpu
 from protein_mlm.rules import ValueRule, check_value
-from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_KEY, check_init_from, load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as csv
 
+from protein_mlm.alphabet import encode_residues
 from protein_mlm.data.fasta import open_maybe_gzipped, sequence_digest
 from protein_mlm.data.readers import parse_workers, read_sequences
-from protein_mlm.data.tokenizer import encode_residues
 from protein_mlm.errors import DataError
 
 log = logging.getLogger(__name__)

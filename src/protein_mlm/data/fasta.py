@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from protein_mlm.data.tokenizer import RESIDUES
+from protein_mlm.alphabet import RESIDUES
 from protein_mlm.errors import DataError
 
 _VALID = (RESIDUES + RESIDUES.lower()).encode()

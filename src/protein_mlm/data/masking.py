@@ -10,9 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AMINO_ACID_IDS
-
-IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross-entropy default)
+from protein_mlm.alphabet import CLS_ID, EOS_ID, IGNORE_INDEX, MASK_ID, PAD_ID, STANDARD_AMINO_ACID_IDS
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

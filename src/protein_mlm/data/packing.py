@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from protein_mlm.alphabet import PAD_ID
 from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX, BatchCounts
 from protein_mlm.data.samplers import (
     CHUNK,
@@ -31,7 +32,6 @@ from protein_mlm.data.samplers import (
     shuffled,
     sort_stably_by_length,
 )
-from protein_mlm.data.tokenizer import PAD_ID
 from protein_mlm.errors import ConfigError
 
 SEGMENT_BUCKET = 64  # cu_seqlens grows in steps of this many segments: few distinct shapes, at most 63 empty ones

@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 
+from protein_mlm.alphabet import VOCAB, encode_residues
 from protein_mlm.data.clusters import record_clusters
 from protein_mlm.data.fasta import sequence_digest
 from protein_mlm.data.readers import parse_workers, read_sequences
-from protein_mlm.data.tokenizer import VOCAB, encode_residues
 from protein_mlm.errors import DataError
 
 _LETTERS = np.frombuffer("".join(t if len(t) == 1 else "?" for t in VOCAB).encode(), dtype=np.uint8)

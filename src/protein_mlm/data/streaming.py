@@ -25,11 +25,11 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
+from protein_mlm.alphabet import encode_residues
 from protein_mlm.data.fasta import sequence_digest
 from protein_mlm.data.masking import collate, crop, mask_tokens, sample_rng
 from protein_mlm.data.preprocess import decode_ids
 from protein_mlm.data.readers import PARQUET_SUFFIXES, read_sequences
-from protein_mlm.data.tokenizer import encode_residues
 from protein_mlm.errors import ConfigError, DataError
 
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fasta.gz", ".fa.gz", ".faa.gz", ".fas.gz")

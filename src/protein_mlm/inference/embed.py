@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from protein_mlm.alphabet import CLS_ID, EOS_ID, PAD_ID, encode_residues
 from protein_mlm.data.readers import read_records
-from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, PAD_ID, encode_residues
 from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.inference.loading import LoadedModel, device_for, load_model
 from protein_mlm.inference.progress import progress_bar

@@ -6,18 +6,19 @@ from pathlib import Path
 
 import datasets
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from protein_mlm.alphabet import encode_residues
 from protein_mlm.data.datamodule import MaskedSequenceDataset
 from protein_mlm.data.masking import collate
 from protein_mlm.data.preprocess import FEATURES, residue_lengths, unigram_perplexity
 from protein_mlm.data.readers import read_sequences
 from protein_mlm.data.samplers import TokenBudgetBatchSampler
-from protein_mlm.data.tokenizer import encode_residues
 from protein_mlm.errors import ConfigError
 from protein_mlm.inference.loading import load_model, resolve_model
-from protein_mlm.training.module import MaskedLMModule
+from protein_mlm.model.objective import MaskedLMTotals, masked_lm
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,25 @@ def fasta_dataset(path: str | Path) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"input_ids": ids}, features=FEATURES)
 
 
+class MaskedLMScorer(pl.LightningModule):
+    """A loaded model's masked-LM totals over a validation loader; Lightning brings the device and precision."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.totals = model, MaskedLMTotals()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.totals.update(*masked_lm(self.model, batch), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.totals.compute())
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate, write eval.json into the run dir, print one line, return the numbers."""
     check_eval_config(cfg)
     loaded = load_model(cfg.ckpt_path)
-    module = MaskedLMModule(architecture=loaded.architecture)
-    module.model = loaded.model  # the loader's weights; the module adds the masked-LM metrics
+    module = MaskedLMScorer(loaded.model)
 
     sequences = fasta_dataset(cfg.data.val_path)
     dataset = MaskedSequenceDataset(sequences, cfg.data.max_length, cfg.data.seed, cfg.data.mask_prob)

@@ -10,17 +10,17 @@ from typing import Any
 import torch
 from transformers import EsmConfig, EsmForMaskedLM
 
-from protein_mlm.data.tokenizer import VOCAB
+from protein_mlm.alphabet import VOCAB
 from protein_mlm.errors import ConfigError
 from protein_mlm.model import attention
-from protein_mlm.model.fair_esm import load_fair_esm
-from protein_mlm.training.checkpoint import (
+from protein_mlm.model.checkpoints import (
     CONTACT_HEAD_KEY,
     describe_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
     resolve_checkpoint,
 )
+from protein_mlm.model.fair_esm import load_fair_esm
 
 # EsmConfig fields a MaskedLMModule's architecture dict carries (model.esm_config adds the alphabet).
 CONFIG_FIELDS = (

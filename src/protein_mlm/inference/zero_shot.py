@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import EsmForMaskedLM
 
-from protein_mlm.data.tokenizer import CLS_ID, EOS_ID, MASK_ID, RESIDUES, VOCAB
+from protein_mlm.alphabet import CLS_ID, EOS_ID, MASK_ID, RESIDUES, VOCAB
 from protein_mlm.errors import DataError
 
 STRATEGIES = ("wt-marginals", "masked-marginals", "pseudo-ppl")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import EsmConfig, EsmForMaskedLM
 
-from protein_mlm.data.tokenizer import MASK_ID, PAD_ID, VOCAB
+from protein_mlm.alphabet import MASK_ID, PAD_ID, VOCAB
 from protein_mlm.model import attention
 from protein_mlm.model.fast_layer import use_fast_layers
 

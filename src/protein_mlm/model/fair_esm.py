@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import EsmForMaskedLM
 
-from protein_mlm.data.tokenizer import MASK_ID
+from protein_mlm.alphabet import MASK_ID
 from protein_mlm.errors import ConfigError
 from protein_mlm.model.esm import build_model
 

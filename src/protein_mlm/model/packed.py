@@ -4,7 +4,7 @@ from typing import Any
 
 import torch
 
-from protein_mlm.data.tokenizer import MASK_ID
+from protein_mlm.alphabet import MASK_ID
 from protein_mlm.model import attention
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM's token-dropout constant (the <mask> share of tokens in its training)

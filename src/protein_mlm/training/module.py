@@ -5,18 +5,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch.optim import Optimizer
-from torchmetrics import SumMetric
 
 from protein_mlm.data.loader import POSITION_KEY, ResumableLoader, StreamLoader
-from protein_mlm.data.masking import COUNTS_KEY, IGNORE_INDEX
+from protein_mlm.data.masking import COUNTS_KEY
 from protein_mlm.errors import TrainingDiverged
+from protein_mlm.model.checkpoints import CHECKPOINT_FORMAT, CONTACT_HEAD_KEY, FORMAT_KEY, load_pretrained_into
 from protein_mlm.model.esm import build_model
-from protein_mlm.model.packed import packed_logits
+from protein_mlm.model.objective import MaskedLMTotals, batch_logits, masked_lm
 from protein_mlm.training.agreement import UpdateAgreement
-from protein_mlm.training.checkpoint import CHECKPOINT_FORMAT, CONTACT_HEAD_KEY, FORMAT_KEY, load_pretrained_into
 from protein_mlm.training.schedules import lambda_scheduler
 from protein_mlm.training.updates import UpdateRecord, UpdateWindow
 
@@ -74,7 +72,7 @@ class MaskedLMModule(pl.LightningModule):
         self.num_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.optimizer_factory = optimizer
         self.schedule = schedule
-        self.val_loss_sum, self.val_targets, self.val_correct = SumMetric(), SumMetric(), SumMetric()
+        self.val_totals = MaskedLMTotals()
         self.window = UpdateWindow()  # the open update and the finished ones, read once per logging interval
         self.window.subscribe(self._log_updates)
         self._clip_norm: torch.Tensor | None = None  # this update's gradient norm, for clipping
@@ -86,20 +84,11 @@ class MaskedLMModule(pl.LightningModule):
 
     def batch_logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """Logits of a padded batch, or of a packed one (packing.py)."""
-        if "cu_seqlens" in batch:
-            return packed_logits(self.model, batch)
-        return self(batch["input_ids"], batch["attention_mask"])
+        return batch_logits(self.model, batch)
 
     def _masked_lm(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Summed loss over the masked positions, their count, and the logits."""
-        logits = self.batch_logits(batch)
-        labels = batch["labels"]
-        # Every position with ignore_index, no boolean-mask indexing (a host sync on a GPU); the cross-entropy
-        # runs in fp32 even under bf16 autocast, since it is a sum over many small terms.
-        loss_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return loss_sum, labels.ne(IGNORE_INDEX).sum(), logits
+        """Summed loss over the masked positions, their count, and the logits (model/objective.py)."""
+        return masked_lm(self.model, batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Returns the summed token loss over `loss_divisor` (fp16: about a token mean, so the loss scaler's gradients
@@ -206,25 +195,14 @@ class MaskedLMModule(pl.LightningModule):
                 logger.log_metrics(metrics, step=record.step)
 
     def on_validation_epoch_start(self) -> None:
-        for metric in (self.val_loss_sum, self.val_targets, self.val_correct):
-            metric.reset()
+        self.val_totals.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, n_targets, logits = self._masked_lm(batch)
-        labels = batch["labels"]
-        self.val_loss_sum.update(loss_sum)
-        self.val_targets.update(n_targets)
-        self.val_correct.update((logits.argmax(-1).eq(labels) & labels.ne(IGNORE_INDEX)).sum())
+        self.val_totals.update(*self._masked_lm(batch), batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
         """Token-weighted over the whole validation set (not a mean of per-batch means)."""
-        targets = self.val_targets.compute().clamp(min=1)
-        loss = self.val_loss_sum.compute() / targets
-        metrics = {
-            "val/loss": loss,
-            "val/perplexity": torch.exp(loss),
-            "val/accuracy": self.val_correct.compute() / targets,
-        }
+        metrics = self.val_totals.compute()
         for name, value in metrics.items():  # for checkpointing and the progress bar
             self.log(name, value, prog_bar=name == "val/loss", logger=False)
         if not self.trainer.sanity_checking:  # to the loggers ourselves: Lightning would add an `epoch` series

@@ -10,6 +10,7 @@ VOCAB = VOCAB_FILE.read_text().split()
 
 CLS_ID, PAD_ID, EOS_ID, UNK_ID = (VOCAB.index(t) for t in ("<cls>", "<pad>", "<eos>", "<unk>"))
 MASK_ID = VOCAB.index("<mask>")
+IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross-entropy default)
 
 # Residue letters a FASTA sequence may hold: the 20 standard amino acids plus the ambiguity and rare codes
 # in the ESM alphabet (X B U Z O). Gap characters ('.', '-') are alignment artefacts, not residues.
