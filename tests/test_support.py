@@ -182,3 +182,10 @@ def test_each_cpu_cell_that_works_trains(monkeypatch, tiny_cfg, files, tmp_path,
     cfg = tiny_cfg(*given, "trainer.max_steps=3", "trainer.val_check_interval=3", "data.max_length=64")
     metrics = train(cfg)
     assert metrics["steps"] == 3 and math.isfinite(metrics["val/loss"])
+
+
+def test_a_device_id_this_machine_does_not_have_is_one_line(monkeypatch):
+    """Every rank refuses it, rank 0 too (whose own id, 2, exists), before Lightning would fail on rank 1 only."""
+    use_hardware(monkeypatch, "sm90", "python")
+    with pytest.raises(ConfigError, match=r"trainer.devices=\[2, 9\] names GPU 9, .* use device ids below 8$"):
+        check_config(compose_config("trainer=ddp", "trainer.devices=[2,9]"))

@@ -216,7 +216,14 @@ def this_gpu(trainer_cfg: DictConfig) -> Gpu | None:
     """
     if not torch.cuda.is_available():
         return None
-    index = local_device(trainer_cfg.get("devices"))
+    devices, count = trainer_cfg.get("devices"), torch.cuda.device_count()
+    index = local_device(devices)
+    missing = max(list(devices) if OmegaConf.is_list(devices) else [index])
+    if missing >= count:
+        raise ConfigError(
+            f"trainer.devices={devices} names GPU {missing}, but this machine has {count} GPUs "
+            f"(0 to {count - 1}); use device ids below {count}"
+        )
     capability = tuple(torch.cuda.get_device_capability(index))
     return Gpu(index, torch.cuda.get_device_properties(index).name, capability)
 
