@@ -425,8 +425,9 @@ def _range_bucket(names: pa.ChunkedArray, splitters: np.ndarray) -> np.ndarray:
 
 
 def _join_buckets(spill: Path, buckets: int, splitters: np.ndarray) -> tuple[int, set[str]]:
-    """Join each member bucket's map lines to its records; spill the distinct (cluster, row) pairs (row -1 for a
-    cluster line that matched no record) by cluster range. Returns (matched lines, ids found in two clusters)."""
+    """Join each member bucket's map lines to its records; spill the matched (cluster, row) pairs, and (cluster, -1)
+    for each cluster with a line that matched no record, by cluster range. Returns (matched lines, ids found in two
+    clusters)."""
     matched, two_clusters = 0, set()
     no_records = pa.table({"id": pa.array([], pa.string()), "row": pa.array([], pa.int64())})
 
@@ -444,8 +445,13 @@ def _join_buckets(spill: Path, buckets: int, splitters: np.ndarray) -> tuple[int
             matched += found.num_rows
             counts = found.group_by("member").aggregate([("cluster", "count_distinct")])
             two_clusters.update(counts.filter(pc.greater(counts["cluster_count_distinct"], 1))["member"].to_pylist())
-            rows = pa.table({"cluster": pairs["cluster"], "row": pc.fill_null(pairs["row"], -1)})
-            yield rows.group_by(["cluster", "row"]).aggregate([])
+            missed = pc.unique(pairs.filter(pc.is_null(pairs["row"]))["cluster"])  # counted among the map's clusters
+            yield pa.concat_tables(
+                [
+                    found.select(["cluster", "row"]),
+                    pa.table({"cluster": missed, "row": pa.array(np.full(len(missed), -1), pa.int64())}),
+                ]
+            )
 
     _spill(joined(), lambda table: _range_bucket(table["cluster"], splitters), spill / "clusters")
     return matched, two_clusters
