@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protein_mlm.data import clusters
+from protein_mlm.data import cluster_join
 from protein_mlm.data.clusters import build_cluster_cache, match_records, open_cluster_cache
 from protein_mlm.errors import DataError
 
@@ -79,8 +79,8 @@ def check_same_cache(tmp: Path, lines, row_of, rows, gz: bool = False):
 @pytest.fixture
 def small_buckets(monkeypatch):
     """Buckets of a few lines: a map of tens of lines spills into many member buckets and cluster ranges."""
-    monkeypatch.setattr(clusters, "BUCKET_LINES", 3)
-    monkeypatch.setattr(clusters, "SAMPLE_EVERY", 1)
+    monkeypatch.setattr(cluster_join, "BUCKET_LINES", 3)
+    monkeypatch.setattr(cluster_join, "SAMPLE_EVERY", 1)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -93,7 +93,7 @@ def test_streamed_first_read_equals_the_in_memory_one(tmp_path_factory, small_bu
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=maps(), gz=st.booleans(), bucket_lines=st.sampled_from([1, 2, 5, 1000]))
 def test_streamed_first_read_equals_the_in_memory_one_many(tmp_path_factory, monkeypatch, data, gz, bucket_lines):
-    monkeypatch.setattr(clusters, "BUCKET_LINES", bucket_lines)
+    monkeypatch.setattr(cluster_join, "BUCKET_LINES", bucket_lines)
     check_same_cache(tmp_path_factory.mktemp("map"), *data, gz=gz)
 
 
@@ -118,8 +118,8 @@ def test_dropped_clusters_are_counted_across_ranges(tmp_path, small_buckets, cap
 
 def test_hash_buckets_do_not_depend_on_the_table_a_string_comes_from():
     ids = ["", "a", "UniRef90_A0A024R1R8", "x" * 40, "tr|A0A024R1R8|A0A024R1R8_HUMAN", "é"]
-    alone = [int(clusters._hash_bucket(pa.chunked_array([[i]]), 97)[0]) for i in ids]
-    together = clusters._hash_bucket(pa.chunked_array([ids[:2], ["pad", *ids[2:]]]).slice(0), 97).tolist()
+    alone = [int(cluster_join._hash_bucket(pa.chunked_array([[i]]), 97)[0]) for i in ids]
+    together = cluster_join._hash_bucket(pa.chunked_array([ids[:2], ["pad", *ids[2:]]]).slice(0), 97).tolist()
     assert together[:2] + together[3:] == alone
-    spread = np.bincount(clusters._hash_bucket(pa.chunked_array([[f"UniRef90_P{i}" for i in range(20000)]]), 10))
+    spread = np.bincount(cluster_join._hash_bucket(pa.chunked_array([[f"UniRef90_P{i}" for i in range(20000)]]), 10))
     assert spread.min() > 1500  # about 2000 each
