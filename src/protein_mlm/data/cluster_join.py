@@ -1,12 +1,11 @@
 """The first read of a cluster map, out of core: the training rows of every cluster as CSR arrays on disk.
 
-Map lines and record ids are spilled to disk in buckets by a hash of the member id (pyarrow's dataset writer) and
+Map lines and record ids are spilled to disk in buckets by a hash of the member id (an Arrow stream file each) and
 joined one bucket at a time; the matched (cluster, row) pairs are spilled again in ranges of cluster names (range
 boundaries from a sample of the names) and sorted one range at a time, appending to the arrays. Memory holds about
 one bucket and a flag per row, flat with the map's size; the result equals an in-memory join and sort, byte for byte.
 """
 
-import itertools
 import logging
 import math
 import shutil
@@ -17,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from protein_mlm.data import cluster_maps
 from protein_mlm.errors import DataError
 
 log = logging.getLogger("protein_mlm.data.clusters")  # one logger for cluster sampling, whichever module logs
 
-BUCKET_LINES = 2_000_000  # map lines (or records) per spilled bucket: each join and sort holds about this many
+BUCKET_LINES = 1_000_000  # map lines (or records) per spilled bucket: each join and sort holds about this many
 SAMPLE_EVERY = 64  # one map line in this many gives a cluster name to place the range buckets' boundaries
 ROW_CHUNK = 1 << 22  # rows scanned at a time for the singletons
 
@@ -81,31 +79,36 @@ def _hash_bucket(strings: pa.ChunkedArray, buckets: int) -> np.ndarray:
 
 
 def _spill(tables: Iterable[pa.Table], bucket_of, folder: Path) -> str | None:
-    """Write `tables` to disk partitioned by `bucket_of(table)` (folder/<bucket>/*.arrow), streamed through pyarrow's
-    dataset writer; returns the first value of the first column (for error messages), None when there is none."""
-    tables = (table for table in tables if table.num_rows)
-    first = next(tables, None)
-    if first is None:
-        return None
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        for table in itertools.chain([first], tables):
-            yield from table.append_column("bucket", pa.array(bucket_of(table))).to_batches()
-
-    ds.write_dataset(
-        pa.RecordBatchReader.from_batches(first.schema.append(pa.field("bucket", pa.int32())), batches()),
-        folder,
-        format="arrow",
-        partitioning=ds.partitioning(pa.schema([("bucket", pa.int32())])),
-        existing_data_behavior="overwrite_or_ignore",
-    )
-    return first.column(0)[0].as_py()
+    """Append `tables` to one Arrow stream file per bucket (folder/<bucket>.arrow), split by `bucket_of(table)`;
+    written as they come (no queue: memory holds one table). Returns the first value of the first column (for error
+    messages), None when there is none."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    first = None
+    try:
+        for table in tables:
+            if not table.num_rows:
+                continue
+            first = table.column(0)[0].as_py() if first is None else first
+            buckets = bucket_of(table)
+            order = np.argsort(buckets, kind="stable")
+            table, buckets = table.take(order), buckets[order]
+            starts = np.flatnonzero(np.diff(buckets, prepend=-1))
+            for start, end in zip(starts, [*starts[1:], len(buckets)]):
+                bucket = int(buckets[start])
+                if bucket not in writers:
+                    writers[bucket] = pa.ipc.new_stream(folder / f"{bucket}.arrow", table.schema)
+                writers[bucket].write_table(table.slice(start, end - start))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return first
 
 
 def _read_bucket(folder: Path, bucket: int) -> pa.Table | None:
     """One spilled bucket; None when nothing landed in it."""
-    part = folder / str(bucket)
-    return ds.dataset(part, format="arrow").to_table() if part.is_dir() else None
+    part = folder / f"{bucket}.arrow"
+    return pa.ipc.open_stream(pa.memory_map(str(part))).read_all() if part.is_file() else None
 
 
 def _spill_map(blocks: Iterable[pa.Table], buckets: int, folder: Path) -> tuple[int, pa.ChunkedArray]:
