@@ -25,6 +25,7 @@ log = logging.getLogger("protein_mlm.data.clusters")  # one logger for cluster s
 BUCKET_LINES = 1_000_000  # map lines (or records) per spilled bucket: each join and sort holds about this many
 SAMPLE_EVERY = 64  # one map line in this many gives a cluster name to place the range buckets' boundaries
 ROW_CHUNK = 1 << 22  # rows scanned at a time for the singletons
+MAX_BUCKETS = 256  # spill files open at once (a common open-file limit is 1024)
 
 
 def cluster_arrays(cluster_map: Path, records: Iterable[pa.Table], rows: int, source: str, folder: Path) -> int:
@@ -41,7 +42,7 @@ def cluster_arrays(cluster_map: Path, records: Iterable[pa.Table], rows: int, so
         if not lines:
             raise cluster_maps.no_lines(cluster_map)
         example = _spill(records, lambda table: _hash_bucket(table["id"], buckets), spill / "records")
-        splitters = _splitters(sample, math.ceil(lines / BUCKET_LINES))
+        splitters = _splitters(sample, min(MAX_BUCKETS, math.ceil(lines / BUCKET_LINES)))
         matched, two_clusters = _join_buckets(spill, buckets, splitters)
         if two_clusters:
             cluster_maps.check_lines(cluster_map, two_clusters)  # names the line (a member in two clusters)
@@ -56,7 +57,7 @@ def cluster_arrays(cluster_map: Path, records: Iterable[pa.Table], rows: int, so
 def _member_buckets(cluster_map: Path, rows: int) -> int:
     """Buckets of the member join: about BUCKET_LINES map lines (guessed from the file's size) or rows in each."""
     size = cluster_map.stat().st_size * (4 if cluster_map.suffix == ".gz" else 1)  # gzip shrinks text ~4x
-    return max(1, min(1024, math.ceil(max(size / (40 * BUCKET_LINES), rows / BUCKET_LINES))))  # ~40 bytes a line
+    return max(1, min(MAX_BUCKETS, math.ceil(max(size / (40 * BUCKET_LINES), rows / BUCKET_LINES))))  # ~40 B/line
 
 
 def _hash_bucket(strings: pa.ChunkedArray, buckets: int) -> np.ndarray:
