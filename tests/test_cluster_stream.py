@@ -118,8 +118,8 @@ def test_dropped_clusters_are_counted_across_ranges(tmp_path, small_buckets, cap
 
 def test_hash_buckets_do_not_depend_on_the_table_a_string_comes_from():
     ids = ["", "a", "UniRef90_A0A024R1R8", "x" * 40, "tr|A0A024R1R8|A0A024R1R8_HUMAN", "é"]
-    alone = [int(cluster_join._hash_bucket(pa.chunked_array([[i]]), 97)[0]) for i in ids]
-    together = cluster_join._hash_bucket(pa.chunked_array([ids[:2], ["pad", *ids[2:]]]).slice(0), 97).tolist()
+    alone = [int(cluster_join.hash_bucket(pa.chunked_array([[i]]), 97)[0]) for i in ids]
+    together = cluster_join.hash_bucket(pa.chunked_array([ids[:2], ["pad", *ids[2:]]]).slice(0), 97).tolist()
     assert together[:2] + together[3:] == alone
-    spread = np.bincount(cluster_join._hash_bucket(pa.chunked_array([[f"UniRef90_P{i}" for i in range(20000)]]), 10))
+    spread = np.bincount(cluster_join.hash_bucket(pa.chunked_array([[f"UniRef90_P{i}" for i in range(20000)]]), 10))
     assert spread.min() > 1500  # about 2000 each

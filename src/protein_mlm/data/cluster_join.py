@@ -35,15 +35,15 @@ def cluster_arrays(cluster_map: Path, records: Iterable[pa.Table], rows: int, so
     cluster_map = Path(cluster_map)
     cluster_maps.check_exists(cluster_map)
     blocks = cluster_maps.map_blocks(cluster_map)
-    with tempfile.TemporaryDirectory(dir=folder, prefix="spill-") as spill:
-        spill = Path(spill)
+    with tempfile.TemporaryDirectory(dir=folder, prefix="spill-") as work:
+        work = Path(work)
         buckets = _member_buckets(cluster_map, rows)
-        lines, sample = _spill_map(blocks, buckets, spill / "map")
+        lines, sample = _spill_map(blocks, buckets, work / "map")
         if not lines:
             raise cluster_maps.no_lines(cluster_map)
-        example = _spill(records, lambda table: _hash_bucket(table["id"], buckets), spill / "records")
+        example = spill(records, lambda table: hash_bucket(table["id"], buckets), work / "records")
         splitters = _splitters(sample, min(MAX_BUCKETS, math.ceil(lines / BUCKET_LINES)))
-        matched, two_clusters = _join_buckets(spill, buckets, splitters)
+        matched, two_clusters = _join_buckets(work, buckets, splitters)
         if two_clusters:
             cluster_maps.check_lines(cluster_map, two_clusters)  # names the line (a member in two clusters)
         if not matched:
@@ -51,7 +51,7 @@ def cluster_arrays(cluster_map: Path, records: Iterable[pa.Table], rows: int, so
                 f"no member id in {cluster_map} is a record id of {source} (e.g. {example or '?'!r}); the members "
                 "must be the record ids (the first word of each FASTA header, e.g. UniRef90_P12345, or a Parquet `id`)"
             )
-        return _write_csr(spill / "clusters", len(splitters) + 1, rows, folder, cluster_map, source)
+        return _write_csr(work / "clusters", len(splitters) + 1, rows, folder, cluster_map, source)
 
 
 def _member_buckets(cluster_map: Path, rows: int) -> int:
@@ -60,7 +60,7 @@ def _member_buckets(cluster_map: Path, rows: int) -> int:
     return max(1, min(MAX_BUCKETS, math.ceil(max(size / (40 * BUCKET_LINES), rows / BUCKET_LINES))))  # ~40 B/line
 
 
-def _hash_bucket(strings: pa.ChunkedArray, buckets: int) -> np.ndarray:
+def hash_bucket(strings: pa.ChunkedArray, buckets: int) -> np.ndarray:
     """A bucket in [0, buckets) for every string, from its length and its first, middle and last 8 bytes
     (vectorised; a string lands in the same bucket whichever table it comes from)."""
     array = strings.combine_chunks().cast(pa.large_binary())
@@ -79,7 +79,7 @@ def _hash_bucket(strings: pa.ChunkedArray, buckets: int) -> np.ndarray:
     return (digest % np.uint64(buckets)).astype(np.int32)
 
 
-def _spill(tables: Iterable[pa.Table], bucket_of, folder: Path) -> str | None:
+def spill(tables: Iterable[pa.Table], bucket_of, folder: Path) -> str | None:
     """Append `tables` to one Arrow stream file per bucket (folder/<bucket>.arrow), split by `bucket_of(table)`;
     written as they come (no queue: memory holds one table). Returns the first value of the first column (for error
     messages), None when there is none."""
@@ -106,7 +106,7 @@ def _spill(tables: Iterable[pa.Table], bucket_of, folder: Path) -> str | None:
     return first
 
 
-def _read_bucket(folder: Path, bucket: int) -> pa.Table | None:
+def read_bucket(folder: Path, bucket: int) -> pa.Table | None:
     """One spilled bucket; None when nothing landed in it."""
     part = folder / f"{bucket}.arrow"
     return pa.ipc.open_stream(pa.memory_map(str(part))).read_all() if part.is_file() else None
@@ -126,7 +126,7 @@ def _spill_map(blocks: Iterable[pa.Table], buckets: int, folder: Path) -> tuple[
                 )
             yield block
 
-    _spill(counted(), lambda table: _hash_bucket(table["member"], buckets), folder)
+    spill(counted(), lambda table: hash_bucket(table["member"], buckets), folder)
     return lines, pa.chunked_array(sample, pa.string())
 
 
@@ -152,7 +152,7 @@ def _range_bucket(names: pa.ChunkedArray, splitters: np.ndarray) -> np.ndarray:
     return ranges[codes.indices.to_numpy()]
 
 
-def _join_buckets(spill: Path, buckets: int, splitters: np.ndarray) -> tuple[int, set[str]]:
+def _join_buckets(work: Path, buckets: int, splitters: np.ndarray) -> tuple[int, set[str]]:
     """Join each member bucket's map lines to its records; spill the matched (cluster, row) pairs, and (cluster, -1)
     for each cluster with a line that matched no record, by cluster range. Returns (matched lines, ids found in two
     clusters)."""
@@ -162,10 +162,10 @@ def _join_buckets(spill: Path, buckets: int, splitters: np.ndarray) -> tuple[int
     def joined() -> Iterator[pa.Table]:
         nonlocal matched
         for bucket in range(buckets):
-            lines = _read_bucket(spill / "map", bucket)
+            lines = read_bucket(work / "map", bucket)
             if lines is None:
                 continue
-            ids = _read_bucket(spill / "records", bucket)
+            ids = read_bucket(work / "records", bucket)
             pairs = lines.join(
                 no_records if ids is None else ids, keys="member", right_keys="id", join_type="left outer"
             )
@@ -181,7 +181,7 @@ def _join_buckets(spill: Path, buckets: int, splitters: np.ndarray) -> tuple[int
                 ]
             )
 
-    _spill(joined(), lambda table: _range_bucket(table["cluster"], splitters), spill / "clusters")
+    spill(joined(), lambda table: _range_bucket(table["cluster"], splitters), work / "clusters")
     return matched, two_clusters
 
 
@@ -193,7 +193,7 @@ def _write_csr(spilled: Path, ranges: int, rows: int, folder: Path, cluster_map:
     with open(folder / "offsets.raw", "wb") as offsets, open(folder / "members.raw", "wb") as members:
         offsets.write(np.zeros(1, np.int64).tobytes())
         for part in range(ranges):
-            table = _read_bucket(spilled, part)
+            table = read_bucket(spilled, part)
             if table is None:
                 continue
             names = pc.dictionary_encode(table["cluster"].combine_chunks())

@@ -14,6 +14,7 @@ memory-mapped by every later run and rank.
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -26,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from protein_mlm.data.cluster_join import cluster_arrays
+from protein_mlm.data import cluster_join
+from protein_mlm.data.cluster_join import BUCKET_LINES, MAX_BUCKETS, cluster_arrays, hash_bucket, read_bucket
 from protein_mlm.data.cluster_maps import match_records, read_cluster_table, record_clusters
 from protein_mlm.data.fasta import sequence_digest
 from protein_mlm.data.readers import parse_workers, read_sequences
@@ -42,41 +44,49 @@ DRAW_CLUSTERS = 1 << 22  # clusters drawn at a time: an epoch's temporaries stay
 CLUSTER_STREAM = 0xC1057E5  # keeps the member draws independent of the batch sampler's (seed, epoch) stream
 
 
-def _row_digests(sequences: datasets.Dataset) -> np.ndarray:
-    """The content digest of every row of `sequences` (S16), in row order."""
-    digests = []
+def _row_digests(sequences: datasets.Dataset) -> Iterator[pa.Table]:
+    """(digest, row) for every row of `sequences`, a chunk of rows at a time."""
+    row = 0
     for chunk in sequences.data.column("input_ids").chunks:
         values = pc.list_flatten(chunk).to_numpy(zero_copy_only=False)
         ends = np.cumsum(pc.list_value_length(chunk).to_numpy(zero_copy_only=False))
         starts = np.concatenate([[0], ends[:-1]])
-        digests += [sequence_digest(values[start:end].tobytes()) for start, end in zip(starts, ends)]
-    return np.array(digests, dtype="S16")
+        digests = [sequence_digest(values[start:end].tobytes()) for start, end in zip(starts, ends)]
+        yield pa.table({"digest": pa.array(digests, pa.binary()), "row": np.arange(row, row + len(digests))})
+        row += len(digests)
 
 
-def row_record_ids(path: Path, sequences: datasets.Dataset) -> Iterator[pa.Table]:
-    """(id, row) tables, a chunk of records at a time: the record ids of `path` each row of `sequences` stands for,
-    matched by content digest."""
-    digests = _row_digests(sequences)
-    order = np.argsort(digests, kind="stable")
-    digests = digests[order]  # sorted once; row order[i] has digest digests[i]
+def _record_digests(path: Path) -> Iterator[pa.Table]:
+    """(id, digest) for every record of `path` with residues, MATCH_RECORDS at a time."""
     ids, keys = [], []
-
-    def match() -> pa.Table:  # one vectorised lookup per chunk of records
-        wanted = np.array(keys, "S16")
-        found = np.minimum(np.searchsorted(digests, wanted), len(order) - 1)
-        hit = digests[found] == wanted
-        return pa.table({"id": pa.array(ids, pa.string()).filter(hit), "row": order[found[hit]].astype(np.int64)})
-
     for record_id, residues in read_sequences(path, workers=parse_workers()):
-        if residues:  # records of the other split (or empty ones) have no row here
+        if residues:  # empty records have no row
             ids.append(record_id)
             keys.append(sequence_digest(encode_residues(residues).tobytes()))
         if len(ids) >= MATCH_RECORDS:
-            if len(order):
-                yield match()
+            yield pa.table({"id": pa.array(ids, pa.string()), "digest": pa.array(keys, pa.binary())})
             ids, keys = [], []
-    if ids and len(order):
-        yield match()
+    if ids:
+        yield pa.table({"id": pa.array(ids, pa.string()), "digest": pa.array(keys, pa.binary())})
+
+
+def row_record_ids(path: Path, sequences: datasets.Dataset, spill_dir: Path | None = None) -> Iterator[pa.Table]:
+    """(id, row) tables: the record ids of `path` each row of `sequences` stands for, matched by content digest out
+    of core (rows and records spilled under `spill_dir` in buckets by digest, joined a bucket at a time); records of
+    the other split match no row."""
+    buckets = max(1, min(MAX_BUCKETS, math.ceil(len(sequences) / BUCKET_LINES)))
+    with tempfile.TemporaryDirectory(dir=spill_dir, prefix="row-ids-") as work:
+        work = Path(work)
+
+        def by_digest(table: pa.Table) -> np.ndarray:
+            return hash_bucket(table["digest"], buckets)
+
+        cluster_join.spill(_row_digests(sequences), by_digest, work / "rows")
+        cluster_join.spill(_record_digests(path), by_digest, work / "records")
+        for bucket in range(buckets):
+            rows, records = read_bucket(work / "rows", bucket), read_bucket(work / "records", bucket)
+            if rows is not None and records is not None:
+                yield records.join(rows, keys="digest", join_type="inner").select(["id", "row"])
 
 
 @dataclass
@@ -122,7 +132,7 @@ def load_cluster_sampler(
     """The cluster sampler of `sequences` (read from `path`), its arrays built once into `cache` and memory-mapped."""
     arrays = open_cluster_cache(cache, len(sequences))
     if arrays is None:
-        records = row_record_ids(path, sequences)
+        records = row_record_ids(path, sequences, spill_dir=cache.parent)
         build_cluster_cache(cluster_map, records, len(sequences), str(path), cache)
         arrays = open_cluster_cache(cache, len(sequences))
     return ClusterSampler(offsets=arrays[0], members=arrays[1], seed=seed)
