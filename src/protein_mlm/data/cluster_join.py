@@ -214,27 +214,19 @@ def _write_csr(spilled: Path, ranges: int, rows: int, folder: Path, cluster_map:
             offsets.write((total + np.arange(1, len(alone) + 1)).astype(np.int64).tobytes())
             members.write(alone.astype(np.int64).tobytes())
             total += len(alone)
-    clusters, singletons = used + rows - int(clustered.sum()), rows - int(clustered.sum())
+    singletons = rows - int(clustered.sum())
+    clusters = used + singletons
     _npy(folder / "offsets.raw", folder / "offsets.npy", clusters + 1)
     _npy(folder / "members.raw", folder / "members.npy", total)
     if in_file > used:
         log.warning(
             "Cluster sampling: dropped %d of the %d clusters in %s, none of whose members is in %s",
-            in_file - used,
-            in_file,
-            cluster_map,
-            source,
+            *(in_file - used, in_file, cluster_map, source),
         )
     log.info(
         "Cluster sampling: %d clusters (%d from %s, %d singletons of unmapped sequences) over %d sequences; "
         "largest cluster %d, mean %.2f members",
-        clusters,
-        used,
-        cluster_map,
-        singletons,
-        rows,
-        max(largest, 1 if singletons else 0),
-        total / clusters,
+        *(clusters, used, cluster_map, singletons, rows, max(largest, 1 if singletons else 0), total / clusters),
     )
     return clusters
 
