@@ -6,13 +6,14 @@
 Each phase runs in a fresh process, so its peak RSS is its own, and prints one JSON line:
 - `first`: read the map (pyarrow CSV), join it to the rows' record ids, build the CSR arrays, write the cache;
 - `cached`: memory-map the cache (what every rank of every later run does), then draw one epoch's members.
-The rows' record ids are given (row r is `UniRef90_<p(r)>` for a random permutation p of the members), as
-`clusters.row_record_ids` returns them; hashing the training rows to find them is a cost of preprocessing and is
-not measured here.
+The rows' record ids are given a chunk at a time (row r is `UniRef90_<p(r)>` for p(r) = (a r + 1) mod rows, a
+permutation of the members that needs no memory), as `clusters.row_record_ids` yields them; hashing the training
+rows to find them is a cost of preprocessing and is not measured here.
 """
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -24,25 +25,30 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from protein_mlm.data.clusters import ClusterSampler, cluster_arrays, open_cluster_cache, write_cluster_cache
+from protein_mlm.data.clusters import ClusterSampler, build_cluster_cache, open_cluster_cache
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def records(rows: int) -> pa.Table:
-    """(id, row) for every row, the ids a random permutation of the map's members."""
-    member = np.random.default_rng(0).permutation(rows)
-    ids = pc.binary_join_element_wise("UniRef90_", pc.cast(pa.array(member), pa.string()), "")
-    return pa.table({"id": ids, "row": np.arange(rows, dtype=np.int64)})
+CHUNK_ROWS = 1_000_000  # record ids made at a time, as row_record_ids yields them
+
+
+def records(rows: int):
+    """(id, row) tables for every row, a chunk at a time; the ids a permutation of the map's members."""
+    step = next(a for a in range(int(rows * 0.618) | 1, 2 * rows + 2) if math.gcd(a, rows) == 1)
+    for start in range(0, rows, CHUNK_ROWS):
+        row = np.arange(start, min(start + CHUNK_ROWS, rows), dtype=np.int64)
+        member = (row * step + 1) % rows  # int64: step * rows < 2**63 up to 3e9 rows
+        ids = pc.binary_join_element_wise("UniRef90_", pc.cast(pa.array(member), pa.string()), "")
+        yield pa.table({"id": ids, "row": row})
 
 
 def first(cluster_map: Path, rows: int, cache: Path) -> dict:
-    table = records(rows)
     start_rss, start, cpu = peak_rss_mib(), time.perf_counter(), time.process_time()
-    offsets, members = cluster_arrays(cluster_map, table, rows, source="synthetic rows")
-    write_cluster_cache(cache, offsets, members, rows)
+    build_cluster_cache(cluster_map, records(rows), rows, "synthetic rows", cache)
+    offsets = open_cluster_cache(cache, rows)[0]
     return {
         "phase": "first",
         "seconds": round(time.perf_counter() - start, 2),

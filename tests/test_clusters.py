@@ -56,7 +56,7 @@ def datamodule(tmp_path: Path, fasta: Path, cluster_map: Path | None, seed: int 
 def ids_per_row(path: Path, sequences) -> list[list[str]]:
     """The record ids each row of a split stands for, from the (id, row) table."""
     ids: list[list[str]] = [[] for _ in range(len(sequences))]
-    table = row_record_ids(path, sequences)
+    table = pa.concat_tables(row_record_ids(path, sequences))
     for record_id, row in zip(table["id"].to_pylist(), table["row"].to_pylist()):
         ids[row].append(record_id)
     return ids
@@ -173,8 +173,8 @@ def test_cluster_arrays_are_cached_beside_the_data_and_memory_mapped(tmp_path, m
     fasta, mapping, _ = uniref_data(tmp_path, sizes=[2, 2])
     first = datamodule(tmp_path, fasta, mapping)
     assert {p.name for p in first.cache_dir.glob("*.clusters/*.npy")} == {"offsets.npy", "members.npy"}
-    for name in ("row_record_ids", "read_cluster_table"):
-        monkeypatch.setattr(f"protein_mlm.data.clusters.{name}", lambda *a, **k: pytest.fail("the cache was not used"))
+    for name in ("clusters.row_record_ids", "cluster_maps.map_blocks"):
+        monkeypatch.setattr(f"protein_mlm.data.{name}", lambda *a, **k: pytest.fail("the cache was not used"))
     again = datamodule(tmp_path, fasta, mapping)
     assert isinstance(again.clusters.members, np.memmap) and isinstance(again.clusters.offsets, np.memmap)
     assert np.array_equal(again.clusters.members, first.clusters.members)
@@ -264,7 +264,9 @@ def test_missing_map_and_no_overlap_are_one_line_errors(tmp_path):
         datamodule(tmp_path, fasta, other)
     assert "\n" not in str(info.value)
     with pytest.raises(DataError, match="does not exist"):
-        cluster_arrays(tmp_path / "nope.tsv", pa.table({"id": ["a"], "row": [0]}), rows=1, source="x")
+        cluster_arrays(
+            tmp_path / "nope.tsv", [pa.table({"id": ["a"], "row": [0]})], rows=1, source="x", folder=tmp_path
+        )
 
 
 def test_an_epoch_in_the_plan_is_one_member_per_cluster(tmp_path):

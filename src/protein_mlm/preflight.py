@@ -1,6 +1,7 @@
 """Check a run's config before anything is built or written: the rules a valid run must follow, each with the fix
 in its one-line error, and the resolved `RunPlan` (plan.py) that the run then reads."""
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -108,7 +109,7 @@ def check_attention(cfg: DictConfig) -> None:
 
 
 def check_hardware(cfg: DictConfig, plan: RunPlan) -> None:
-    """What the resolved plan asks of this machine's GPU (or CPU) it can run: precision, packing, attention, FSDP.
+    """What the resolved plan asks of this machine's GPU (or CPU) it can run: precision, packing, attention.
 
     Decided for the GPU this rank will use; a machine that sees no GPU (a login node planning a job) is not judged.
     """
@@ -116,13 +117,7 @@ def check_hardware(cfg: DictConfig, plan: RunPlan) -> None:
     if not plan.on_gpu and name in ("flex_attention", "flash_attention_2"):
         why = "PyTorch's FlexAttention has no CPU backward" if name == "flex_attention" else "flash-attn is CUDA-only"
         raise ConfigError(f"{ATTENTION}={name} cannot train on a CPU ({why}); {USE_SDPA} or eager")
-    fsdp = "fsdp" in str(cfg.trainer.get("strategy")).lower()
-    old_gpu = gpu is not None and gpu.capability < BF16_CAPABILITY
-    if fsdp and (is_fp16(plan.precision) or old_gpu):
-        raise ConfigError(
-            "trainer=fsdp trains in bf16-mixed only (fp16 loss scaling over shards is not supported here), which needs "
-            "a GPU of compute capability 8.0+; use trainer=ddp (fp16) or a GPU with bf16"
-        )
+    old_gpu = gpu is not None and gpu.capability < BF16_CAPABILITY  # FSDP there: check_fsdp refuses its fp16
     if not old_gpu:
         return
     where = f"{gpu} has none"
@@ -236,12 +231,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
         fasta = path and Path(path).suffix not in (".parquet", ".pq")  # Parquet's own reader checks its rows
         if fasta and not streamed_dir and not has_residue_line(path):  # found here, before a run dir is made
             raise DataError(f"{path} holds no sequence (only headers?); pass a FASTA with sequences")
-    strategy = cfg.trainer.get("strategy")
-    if "fsdp" in str(strategy).lower() and cfg.trainer.accelerator == "cpu":  # (a SLURM login node has no GPU)
-        raise ConfigError(
-            "trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU); on CPU use trainer=ddp "
-            "trainer.accelerator=cpu"
-        )
+    plan = check_fsdp(cfg, plan)
     packing = cfg.data.get("packing", False) is True  # `auto` picks packing only where its rules hold (plan.py)
     if packing and cfg.model.architecture.get("attention_probs_dropout_prob", 0.0) > 0:
         raise ConfigError(
@@ -262,6 +252,34 @@ def check_config(cfg: DictConfig) -> RunPlan:
             cfg.trainer.max_steps,
         )
     return plan
+
+
+def check_fsdp(cfg: DictConfig, plan: RunPlan) -> RunPlan:
+    """trainer=fsdp: refuse what has not run under FSDP (each in one line); model.compile=auto resolves to off."""
+    strategy = cfg.trainer.get("strategy")
+    if "fsdp" not in str(strategy).lower():
+        return plan
+    if cfg.trainer.accelerator == "cpu":  # (a SLURM login node has no GPU)
+        raise ConfigError(
+            "trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU); on CPU use trainer=ddp "
+            "trainer.accelerator=cpu"
+        )
+    kind = strategy.get("state_dict_type", "full") if isinstance(strategy, DictConfig) else "full"
+    if kind != "full":
+        raise ConfigError(
+            f"trainer.strategy.state_dict_type={kind} is not supported: Lightning writes sharded checkpoints in place "
+            "as a directory that resume= cannot read; use trainer.strategy.state_dict_type=full"
+        )
+    if str(plan.precision).startswith("16"):
+        raise ConfigError(
+            f"trainer=fsdp with precision {plan.precision} is not supported (Lightning's FSDP fp16 cannot clip "
+            "unscaled gradients); use trainer.precision=bf16-mixed (compute capability 8.0+), or trainer=ddp for fp16"
+        )
+    if cfg.model.get("compile") is True:
+        raise ConfigError("trainer=fsdp with model.compile=true has not been run yet; set model.compile=false")
+    if plan.compile:  # model.compile=auto
+        log.info("model.compile=auto: off under trainer=fsdp (FSDP with torch.compile has not been run yet)")
+    return dataclasses.replace(plan, compile=False)
 
 
 def check_checkpoint_matches(cfg: DictConfig) -> None:
