@@ -218,6 +218,7 @@ def check_config(cfg: DictConfig) -> RunPlan:
             f"trainer.precision={cfg.trainer.precision} needs a GPU (on CPU Lightning would train in bf16 instead); "
             "use trainer.precision=bf16-mixed or 32-true"
         )
+    plan = check_fsdp(cfg, plan)  # before the hardware: FSDP's own precision rule names FSDP
     check_hardware(cfg, plan)
     for key in ("train_path", "val_path"):
         path = cfg.data.get(key)
@@ -231,7 +232,6 @@ def check_config(cfg: DictConfig) -> RunPlan:
         fasta = path and Path(path).suffix not in (".parquet", ".pq")  # Parquet's own reader checks its rows
         if fasta and not streamed_dir and not has_residue_line(path):  # found here, before a run dir is made
             raise DataError(f"{path} holds no sequence (only headers?); pass a FASTA with sequences")
-    plan = check_fsdp(cfg, plan)
     packing = cfg.data.get("packing", False) is True  # `auto` picks packing only where its rules hold (plan.py)
     if packing and cfg.model.architecture.get("attention_probs_dropout_prob", 0.0) > 0:
         raise ConfigError(
@@ -269,6 +269,11 @@ def check_fsdp(cfg: DictConfig, plan: RunPlan) -> RunPlan:
         raise ConfigError(
             f"trainer.strategy.state_dict_type={kind} is not supported: Lightning writes sharded checkpoints in place "
             "as a directory that resume= cannot read; use trainer.strategy.state_dict_type=full"
+        )
+    if plan.gpu is not None and plan.gpu.capability < BF16_CAPABILITY:
+        raise ConfigError(
+            "trainer=fsdp trains in bf16-mixed only, which needs a GPU of compute capability 8.0+; "
+            "use trainer=ddp on this GPU (16-mixed with loss scaling)"
         )
     if str(plan.precision).startswith("16"):
         raise ConfigError(
