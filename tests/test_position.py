@@ -100,8 +100,8 @@ def test_a_stream_stopped_inside_an_accumulation_window_resumes_exactly(tmp_path
     # The last leg's first micro-batch is the stopped window's first: update 5, micro-batch 0, batch 15.
     records = [json.loads(line) for line in (stopped / "batches.jsonl").read_text().splitlines()]
     restarts = [r for p, r in zip(records, records[1:]) if (r["step"], r["micro"]) <= (p["step"], p["micro"])]
-    last = restarts[-1]
-    assert len(restarts) == 2 and (last["step"], last["micro"], last["position"]) == (5, 0, [0, 15])
+    last = restarts[-1]  # a stop at a window boundary (after the validation) records nothing twice
+    assert (last["step"], last["micro"], last["position"]) == (5, 0, [0, 15])
 
 
 @pytest.mark.slow
