@@ -220,7 +220,8 @@ def map_style_resumes_exactly_on_any_worker_count(lengths, strategy, world, work
     planner = map_loader(strategy, lengths, 1, 0, 0).batcher
     for epoch in (0, 1):
         plan = planner.batches(epoch)
-        repeats = [int(i) for batch in list(plan)[: -len(plan) % world] for i in batch]
+        padding = range(len(plan), len(plan) + -len(plan) % world)  # positions past the end wrap (rank_share)
+        repeats = [int(i) for position in padding for i in plan[position % len(plan)]]
         expected = sorted(list(range(len(lengths))) + repeats)
         assert sorted(index for e, index in served if e == epoch) == expected
 
