@@ -100,8 +100,8 @@ def test_a_stream_stopped_inside_an_accumulation_window_resumes_exactly(tmp_path
     # The last leg's first micro-batch is the stopped window's first: update 5, micro-batch 0, batch 15.
     records = [json.loads(line) for line in (stopped / "batches.jsonl").read_text().splitlines()]
     restarts = [r for p, r in zip(records, records[1:]) if (r["step"], r["micro"]) <= (p["step"], p["micro"])]
-    last = restarts[-1]
-    assert len(restarts) == 2 and (last["step"], last["micro"], last["position"]) == (5, 0, [0, 15])
+    last = restarts[-1]  # a stop at a window boundary (after the validation) records nothing twice
+    assert (last["step"], last["micro"], last["position"]) == (5, 0, [0, 15])
 
 
 @pytest.mark.slow
@@ -220,7 +220,8 @@ def map_style_resumes_exactly_on_any_worker_count(lengths, strategy, world, work
     planner = map_loader(strategy, lengths, 1, 0, 0).batcher
     for epoch in (0, 1):
         plan = planner.batches(epoch)
-        repeats = [int(i) for batch in list(plan)[: -len(plan) % world] for i in batch]
+        padding = range(len(plan), len(plan) + -len(plan) % world)  # positions past the end wrap (rank_share)
+        repeats = [int(i) for position in padding for i in plan[position % len(plan)]]
         expected = sorted(list(range(len(lengths))) + repeats)
         assert sorted(index for e, index in served if e == epoch) == expected
 
