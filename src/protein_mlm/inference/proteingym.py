@@ -18,6 +18,7 @@ import pandas as pd
 from protein_mlm.errors import ConfigError, DataError
 from protein_mlm.inference import score
 from protein_mlm.inference.loading import resolve_model
+from protein_mlm.inference.writers import check_same_settings
 from protein_mlm.inference.zero_shot import check_sequence
 
 COLUMNS = ("DMS_id", "DMS_filename", "target_seq")
@@ -121,14 +122,7 @@ def check_settings(out: Path, args: argparse.Namespace) -> None:
         "model_window": args.model_window,
     }
     path = out / "settings.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        differing = [k for k in settings if before.get(k) != settings[k]]
-        if differing:
-            raise ConfigError(
-                f"{out} holds scores made with other settings ({', '.join(differing)}); "
-                "pass a new --dms-output folder or the same arguments"
-            )
+    check_same_settings(path, settings, "scores", "pass a new --dms-output folder or the same arguments")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2))
 

@@ -112,14 +112,17 @@ class NpyWriter:
         self.done_flags.flush()
 
 
-def check_manifest(out: Path, manifest: dict) -> None:
-    """A rerun into the same directory must ask for the same thing, or skipping would mix two extractions."""
-    path = out / "manifest.json"
+def check_same_settings(path: Path, settings: dict, holds: str, fix: str) -> None:
+    """A rerun into the same output must ask for what `path` recorded, or skipping done work would mix two settings."""
     if path.is_file():
         before = json.loads(path.read_text())
-        differing = [k for k in manifest if before.get(k) != manifest[k]]
+        differing = [k for k in settings if before.get(k) != settings[k]]
         if differing:
-            raise ConfigError(
-                f"{out} holds an extraction with other settings ({', '.join(differing)}); "
-                "pass a new output directory or the same arguments"
-            )
+            raise ConfigError(f"{path.parent} holds {holds} with other settings ({', '.join(differing)}); {fix}")
+
+
+def check_manifest(out: Path, manifest: dict) -> None:
+    """An embedding rerun into the same directory must ask for the same extraction."""
+    check_same_settings(
+        out / "manifest.json", manifest, "an extraction", "pass a new output directory or the same arguments"
+    )
