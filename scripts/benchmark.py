@@ -77,6 +77,7 @@ def measure_row(row: str, model: str, max_length: int, batch_size: int, warmup: 
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_initialized() else None
     result["real_per_s"] = result["real"] / result["seconds"] if result["seconds"] else 0.0
+    result["pid"] = os.getpid()  # which process measured it (gpu_checks: one for all rows)
     return result
 
 
