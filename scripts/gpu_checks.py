@@ -64,18 +64,24 @@ class BudgetExceeded(BaseException):
 
 @contextmanager
 def time_limit(seconds: float):
-    """Stop the work inside after `seconds` (SIGALRM; the main thread only)."""
+    """Stop the work inside after `seconds` (SIGALRM; the main thread only). Nested limits keep the outer one."""
 
     def expire(signum, frame):
         raise BudgetExceeded(f"budget of {seconds:.0f} s spent")
 
+    start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    if outer and outer < seconds:  # the enclosing limit ends first: it stays in charge
+        signal.setitimer(signal.ITIMER_REAL, outer)
+        signal.signal(signal.SIGALRM, previous)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer:  # what is left of the enclosing limit
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 0.01))
 
 
 class Summary:
@@ -142,13 +148,17 @@ def run_children(commands: dict[str, list[str]], budget: float, out: Path) -> di
         )
         log.close()
     codes = {}
-    for name, proc in procs.items():
-        try:
-            codes[name] = proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and its data-loader workers
-            proc.wait()
-            codes[name] = 124
+    try:
+        for name, proc in procs.items():
+            try:
+                codes[name] = proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                codes[name] = 124
+    finally:  # also when an enclosing limit stops this wait: no child outlives its check
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and its data-loader workers
+                proc.wait()
     return {name: (codes[name], (out / f"{name}.log").read_text()) for name in procs}
 
 
@@ -555,8 +565,8 @@ def run_checks(out: Path, quick: bool, names: list[str], deadline_s: float) -> N
         "loss": lambda b: check_loss(summary, quick, b, out),
         "fsdp": lambda b: check_fsdp(summary, quick, b, out),
     }
-    prepare_data()
     deadline = time.monotonic() + deadline_s * (sum(QUICK_BUDGETS.values()) / sum(BUDGETS.values()) if quick else 1)
+    prepare_data()  # inside the deadline: a fresh machine tokenizes here
     for name in names:
         left = deadline - time.monotonic()
         if left < 15:

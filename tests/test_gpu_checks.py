@@ -30,6 +30,7 @@ def test_import_loads_nothing_gpu_only():
 
 def test_a_row_the_budget_cannot_hold_is_listed_as_not_run(monkeypatch):
     import benchmark
+    import torch  # noqa: F401  (loaded before the clock: the row frees its memory through it)
 
     started = []
     monkeypatch.setattr(benchmark, "measure_row", lambda *a: started.append(a) or time.sleep(30))
@@ -52,7 +53,8 @@ def test_children_are_stopped_at_their_budget(tmp_path):
     assert gpu_checks.failure(124, "", 1.0) == "not run: budget (1 s) spent"
 
 
-def test_summary_lists_not_run_rows_with_their_seconds(tmp_path):
+def test_summary_lists_not_run_rows_with_their_seconds(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_checks, "header", lambda quick: ["# versions"])  # (imports Lightning: slow)
     summary = gpu_checks.Summary(tmp_path, quick=True)
     summary.not_run("fsdp", "budget (the overall deadline was reached)")
     summary.add("loss", "3.1 vs 3.1", "<= 2e-3 rel.", True, 12.4)
@@ -93,3 +95,16 @@ def test_quick_run_writes_every_row_from_one_process(tmp_path):
                 assert ratio == pytest.approx(r["real_per_s"] / hf, abs=0.006)
         assert model["ours_packed_compile"]["graphs"] >= 1 and model["hf_tuned"]["graphs"] == 0
     assert all(float(r[4]) >= 0 for r in rows.values())  # every row carries its seconds
+
+
+def test_a_limit_inside_another_keeps_the_outer_one():
+    begin = time.monotonic()
+    with pytest.raises(gpu_checks.BudgetExceeded):
+        with gpu_checks.time_limit(1.5):
+            with pytest.raises(gpu_checks.BudgetExceeded):
+                with gpu_checks.time_limit(0.3):
+                    time.sleep(5)
+            assert time.monotonic() - begin < 1
+            with gpu_checks.time_limit(10):  # longer than what is left of the outer limit
+                time.sleep(5)
+    assert 1.4 < time.monotonic() - begin < 2.5
