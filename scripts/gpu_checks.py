@@ -269,7 +269,7 @@ def check_attention(summary: Summary, quick: bool, budget: float) -> None:
     if not torch.cuda.is_available():
         summary.not_run("attention (varlen flash vs reference)", "needs CUDA")
         return
-    start = time.monotonic()
+    began = time.monotonic()
     torch.cuda.set_device(0)  # this check's own choice of device, before its first CUDA call
     rows, row_tokens, heads, dim = 64, 1024, 20, 32  # esm2_150m's heads at 65,536 tokens
     batch = training_shaped_batch(rows, row_tokens)
@@ -306,7 +306,7 @@ def check_attention(summary: Summary, quick: bool, budget: float) -> None:
     out_err = ((outputs["training"] - ref_out).abs().max() / ref_out.abs().max()).item()
     grad_err = max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads["training"], ref_grads))
     segments = f"{len(cu) - 1} segments ({len(compact) - 1} real)"
-    seconds = elapsed(start)
+    seconds = elapsed(began)
     summary.add(
         "attention values vs reference (bf16, rel. to max)", f"{out_err:.2e}", "<= 1e-2", out_err <= 1e-2, seconds
     )
