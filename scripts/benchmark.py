@@ -45,23 +45,40 @@ def precision_of(row: str) -> str:
 
 def run_row(args) -> None:
     """Child process: one row, its result as JSON on the last stdout line."""
-    import torch
+    result = measure_row(
+        args.row, args.model, args.max_length, args.batch_size, args.warmup_steps, args.seconds, args.set
+    )
+    print("RESULT " + json.dumps(result), flush=True)
 
-    torch.manual_seed(0)
-    clock = Clock(args.warmup_steps, args.seconds)
-    if args.row in HF:
-        result = run_hf(args.row, args.model, args.max_length, args.batch_size, clock)
-    elif args.row == "bare":
-        result = run_bare(args.model, args.max_length, clock, args.set)
-    else:
-        result = run_ours(args.row, args.model, args.max_length, clock, args.set)
+
+def measure_row(row: str, model: str, max_length: int, batch_size: int, warmup: int, seconds: float, extra) -> dict:
+    """One row in this process: token counts, timed seconds, compiled graphs and peak memory of this row alone.
+
+    Several rows may run in one process (scripts/gpu_checks.py): compiled graphs, graph-break counters and the GPU's
+    peak memory are reset first. Peak RSS is the process's high-water mark (it cannot be reset).
+    """
+    import torch
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # a fresh compile per row, counted for this row only
+    counters.clear()
+    if torch.cuda.is_initialized():  # never the first CUDA call: the row's strategy picks the device
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    clock = Clock(warmup, seconds)
+    if row in HF:
+        result = run_hf(row, model, max_length, batch_size, clock)
+    elif row == "bare":
+        result = run_bare(model, max_length, clock, extra)
+    else:
+        result = run_ours(row, model, max_length, clock, extra)
     result["graphs"] = counters["stats"]["unique_graphs"]  # compiled graphs (0 when eager)
     result["graph_breaks"] = sum(counters["graph_break"].values())
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    print("RESULT " + json.dumps(result), flush=True)
+    result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_initialized() else None
+    result["real_per_s"] = result["real"] / result["seconds"] if result["seconds"] else 0.0
+    result["pid"] = os.getpid()  # which process measured it (gpu_checks: one for all rows)
+    return result
 
 
 def matmul_peak_tflops(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
@@ -186,9 +203,7 @@ def run_in_child(row: str) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    result = json.loads(lines[-1][len("RESULT ") :])
-    result["real_per_s"] = result["real"] / result["seconds"]
-    return result
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 if __name__ == "__main__":
