@@ -1,7 +1,7 @@
 """One behavioural test per Lightning seam (training/lightning_seams.py): each runs a tiny `Trainer.fit` and asserts the
 guarantee that depends on the seam, its name in the message, so a Lightning upgrade that breaks one fails here, loudly.
 
-`make lock` runs the whole suite, these tests included, before any pin moves.
+`make lock` runs this file first, then the whole suite (these tests again), before any pin moves.
 """
 
 import pytest
