@@ -175,3 +175,35 @@ def test_described_progress_bar_names_the_training_bar(tmp_path):
         callbacks=[bar, probe],
     ).fit(Tiny())
     assert descriptions == ["Training"] * BATCHES, "seam DescribedRichProgressBar (_get_train_description)"
+
+
+class Validated(Tiny):
+    """`Tiny` with a validation set, counting the validations run."""
+
+    validations = 0
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.layer(batch)
+
+    def on_validation_end(self) -> None:
+        self.validations += 1
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(torch.ones(2, 2), batch_size=1)
+
+
+def test_rewind_to_last_update_after_a_validation_keeps_the_logger_step(tmp_path):
+    path, steps = tmp_path / "after-validation.ckpt", []
+
+    def save_at_boundary(trainer, batch_idx):  # the validation after batch 3 (update 2) has run
+        if batch_idx == 4:
+            checkpoint = lightning_seams.dump_checkpoint(trainer)
+            lightning_seams.rewind_to_last_update(checkpoint, 0, trainer.val_check_batch)
+            trainer.strategy.save_checkpoint(checkpoint, path)
+
+    record = Probe(lambda t, i: steps.append((i, lightning_seams.logger_step(t), t.global_step)))
+    first = fit(tmp_path, Probe(save_at_boundary), module=Validated(), val_check_interval=4)
+    resumed = fit(tmp_path, record, module=Validated(), ckpt_path=path, val_check_interval=4)
+    message = "seam rewind_to_last_update (the checkpoint's 'loops' counters, a validation due)"
+    assert (first.validations, resumed.validations) == (1, 0), f"{message}: the validation ran again on resume"
+    assert steps == [(4, 2, 2)], f"{message}: (batch, logger step, global step) {steps}"
