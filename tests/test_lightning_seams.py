@@ -4,6 +4,9 @@ guarantee that depends on the seam, its name in the message, so a Lightning upgr
 `make lock` runs this file first, then the whole suite (these tests again), before any pin moves.
 """
 
+import re
+from types import SimpleNamespace
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -207,3 +210,33 @@ def test_rewind_to_last_update_after_a_validation_keeps_the_logger_step(tmp_path
     message = "seam rewind_to_last_update (the checkpoint's 'loops' counters, a validation due)"
     assert (first.validations, resumed.validations) == (1, 0), f"{message}: the validation ran again on resume"
     assert steps == [(4, 2, 2)], f"{message}: (batch, logger step, global step) {steps}"
+
+
+def test_step_progress_bar_counts_updates_through_the_public_hook(tmp_path, monkeypatch):
+    """Once three private calls (`_initialize_train_progress_bar_id`, `_update`, `_update_metrics`): now the stock
+    `on_train_batch_end`, told the updates done, so the bar shows updates out of `max_steps`, not micro-batches."""
+    from protein_mlm.training import callbacks
+
+    monkeypatch.setattr(callbacks, "stdout_is_terminal", lambda: True)
+    bar, shown = callbacks.StepProgressBar(), []
+
+    class Read(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            task = bar.progress.tasks[bar.train_progress_bar_id]
+            shown.append((task.completed, task.total, task.description, bar.get_metrics(trainer, pl_module)["lr"]))
+
+    module = Tiny()
+    module.window = SimpleNamespace(latest=None)  # what the bar's metrics read from MaskedLMModule
+    pl.Trainer(
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        max_steps=3,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[bar, Read()],
+    ).fit(module)
+    done = [0, 1, 1, 2, 3]  # after each micro-batch; the epoch's last, partial window steps too
+    assert [(d, total, text) for d, total, text, _ in shown] == [(d, 3, "Training") for d in done], "StepProgressBar"
+    assert all(re.fullmatch(r"\d\.\d\de-0\d", lr) for *_, lr in shown), f"StepProgressBar's LR: {shown}"
