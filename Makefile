@@ -35,6 +35,7 @@ lock:
 	rm -rf .venv-lock && python3 -m venv .venv-lock
 	if ! command -v nvidia-smi >/dev/null 2>&1; then .venv-lock/bin/pip install $(TORCH_CPU); fi
 	.venv-lock/bin/pip install -e '$(EXTRAS)'
+	.venv-lock/bin/python -m pytest tests/test_lightning_seams.py  # Lightning's internals first: a failure names the seam
 	.venv-lock/bin/python -m pytest -m 'not slow or slow'
 	{ grep '^#' $(LOCK); .venv-lock/bin/pip freeze --exclude-editable \
 		| grep -v '^protein-mlm' | sed 's/^\(torch==[0-9.]*\)+.*/\1/'; } > $(LOCK).new

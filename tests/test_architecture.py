@@ -2,6 +2,7 @@
 
 import ast
 import importlib
+import inspect
 import re
 from pathlib import Path
 
@@ -135,3 +136,74 @@ def test_no_module_is_an_outlier_in_size():
     """Modules are sized by concept; past 400 lines one holds two concepts (most are 50-250)."""
     long = {module_name(p): n for p in SOURCES if (n := len(p.read_text().splitlines())) > 400}
     assert not long
+
+
+# Lightning's internals: only training/lightning_seams.py touches them (one named function per seam, each tested in
+# tests/test_lightning_seams.py). Attribute chains through these reach Lightning's trainer or its internal loops.
+SEAMS = PACKAGE / "training" / "lightning_seams.py"
+LIGHTNING_CHAIN = {"trainer", "fit_loop", "epoch_loop", "batch_progress"}
+LIGHTNING_LOOPS = {"fit_loop", "epoch_loop", "batch_progress"}  # internal loop objects, public names or not
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def chain(node: ast.expr) -> list[str]:
+    """The names along `a.b.c` (for `a.b.c._d`, node `a.b.c`): ["a", "b", "c"]; calls and subscripts end it."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        names.append(node.id)
+    return names[::-1]
+
+
+def lightning_privates(cls: type) -> set[str]:
+    """The `_`-prefixed names a class inherits from Lightning: its methods and class attributes, and the instance
+    attributes Lightning's own code assigns (`self._x = ...`)."""
+    found = set()
+    for base in cls.__mro__:
+        if not base.__module__.startswith(("pytorch_lightning", "lightning")):
+            continue
+        found |= {name for name in vars(base) if is_private(name)}
+        try:
+            found |= set(re.findall(r"self\.(_\w+)\s*(?::[^=]+)?=", inspect.getsource(base)))
+        except (OSError, TypeError):
+            pass
+    return {name for name in found if is_private(name)}
+
+
+def lightning_internals(path: Path) -> list[str]:
+    """Uses of Lightning's internals in a source file: `_`-prefixed attributes reached from a trainer or its loops,
+    anything reached through the internal loops, a Lightning class's privates used or overridden in a subclass,
+    and the checkpoint's `"loops"` key."""
+    tree = ast.parse(path.read_text())
+    module = importlib.import_module(module_name(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            names = chain(node.value)
+            through_trainer = bool(LIGHTNING_CHAIN & set(names))
+            if (is_private(node.attr) and through_trainer) or (LIGHTNING_LOOPS & set(names)):
+                found.append(f"{path.name}:{node.lineno} {'.'.join([*names, node.attr])}")
+        elif isinstance(node, ast.Constant) and node.value == "loops":
+            found.append(f'{path.name}:{node.lineno} "loops"')
+        elif isinstance(node, ast.ClassDef) and isinstance(cls := getattr(module, node.name, None), type):
+            privates = lightning_privates(cls)
+            for inner in ast.walk(node):
+                name = None
+                if isinstance(inner, ast.FunctionDef):
+                    name = inner.name
+                elif isinstance(inner, ast.Attribute) and chain(inner.value) == ["self"]:
+                    name = inner.attr
+                if name in privates:
+                    found.append(f"{path.name}:{inner.lineno} {node.name}.{name} (Lightning's)")
+    return [use for use in found if not any(other.startswith(use + ".") for other in found)]  # outermost only
+
+
+def test_lightning_internals_only_in_the_seams_module():
+    """A Lightning upgrade can break only training/lightning_seams.py, whose tests name the broken guarantee."""
+    found = [use for path in SOURCES if path != SEAMS for use in lightning_internals(path)]
+    assert not found, f"use Lightning's public API, or a named seam in training/lightning_seams.py: {found}"

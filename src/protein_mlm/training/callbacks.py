@@ -11,12 +11,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from protein_mlm.data.loader import ResumableLoader
 from protein_mlm.errors import TrainingDiverged
 from protein_mlm.reporting.console import stdout_is_terminal
+from protein_mlm.training import lightning_seams
 from protein_mlm.training.stopping import STOP
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ class StepLearningRateMonitor(LearningRateMonitor):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         if batch_idx % trainer.accumulate_grad_batches != 0:
             return
-        stats = self._extract_stats(trainer, "any")  # every scheduler, also one mis-configured per epoch
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # updates done so far = index of the next
+        stats = lightning_seams.learning_rate_stats(self, trainer)
+        step = lightning_seams.logger_step(trainer)  # updates done so far = index of the next
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=step)
 
@@ -54,7 +55,7 @@ class ValidateAtLastStep(pl.Callback):
             trainer.should_stop = True
 
 
-class StepProgressBar(RichProgressBar):
+class StepProgressBar(lightning_seams.DescribedRichProgressBar):
     """Rich progress bar in optimizer updates out of `max_steps` (not micro-batches), the LR in scientific notation,
     and the data epoch (the training loader's, not Lightning's single endless epoch)."""
 
@@ -67,15 +68,9 @@ class StepProgressBar(RichProgressBar):
     def total_train_batches(self) -> int | float:
         return self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
 
-    def _get_train_description(self, current_epoch: int) -> str:
-        return "Training"
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()  # resumed mid-epoch
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
-        self.refresh()
+        # The stock hook shows `batch_idx + 1` batches done (and opens the bar when resumed mid-epoch): updates here.
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Host values only: the LR, the loss of the last update read, the data epoch (a refresh never syncs)."""
@@ -90,26 +85,6 @@ class StepProgressBar(RichProgressBar):
         return metrics
 
 
-def rewind_to_last_update(checkpoint: dict[str, Any], pending_micro_batches: int, val_check_batch: float) -> None:
-    """Make Lightning's loop counters in `checkpoint` those of the end of the last finished optimizer update.
-
-    A checkpoint taken inside an accumulation window holds no partial gradients, and the data position and token
-    count move only at updates (loader.ResumableLoader.commit); Lightning's batch counters must agree, or a resume
-    would shift every later window. The result is the state Lightning itself saves after a batch has finished
-    (RESTARTED_ON_LAST); where a validation was due at that batch, Lightning expects the step counter from before
-    its final increment and skips the validation on resume (it ran before the checkpoint was taken).
-    """
-    fit = checkpoint["loops"]["fit_loop"]
-    progress = fit["epoch_loop.batch_progress"]
-    done = progress["total"]["completed"] - pending_micro_batches
-    for scope in ("total", "current"):
-        end = progress[scope]["completed"] - pending_micro_batches
-        progress[scope].update(ready=end, started=end, processed=end, completed=end)
-    progress["is_last_batch"] = False
-    if val_check_batch != float("inf") and done > 0 and done % int(val_check_batch) == 0:
-        fit["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
-
-
 def save_together(trainer: pl.Trainer, path: str | Path) -> None:
     """`trainer.save_checkpoint`, except that under DDP the ranks meet in an all-reduce of "did this rank fail" in
     place of Lightning's closing barrier: a rank that fails while saving stops the others at once, where the
@@ -119,7 +94,7 @@ def save_together(trainer: pl.Trainer, path: str | Path) -> None:
         return
     error = None
     try:
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+        checkpoint = lightning_seams.dump_checkpoint(trainer)
         trainer.strategy.save_checkpoint(checkpoint, path)  # rank 0 writes
     except Exception as e:
         error = e
@@ -161,15 +136,15 @@ class ResumeCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_step = trainer.global_step  # the state it resumed from is on disk already
-        if trainer.world_size > 1 and hasattr(trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor"):
+        if trainer.world_size > 1:
             # Lightning broadcasts rank 0's SIGTERM flag and reads it on the host before every micro-batch; the
             # ranks agree on a stop signal with each update's all-reduce instead (_stop_now).
-            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+            lightning_seams.skip_sigterm_broadcast(trainer)
         # In place of Lightning's SIGTERM handler, which would raise at the end of this batch or inside a validation
         # (we stop at an update instead) and broadcast from inside the signal handler. One that came since fit began
         # is in STOP already: Lightning's flag for it must not raise either.
         STOP.take_over()
-        trainer._signal_connector.received_sigterm = False
+        lightning_seams.clear_lightning_sigterm(trainer)
         launcher = trainer.strategy.launcher
 
         def on_signal(signum: int) -> None:
@@ -207,7 +182,7 @@ class ResumeCheckpoint(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._pending is not None:  # only checkpoints this callback writes; the best ones are Lightning's own
-            rewind_to_last_update(checkpoint, self._pending, trainer.val_check_batch)
+            lightning_seams.rewind_to_last_update(checkpoint, self._pending, trainer.val_check_batch)
             self._pending = None
 
     def _stop_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_boundary: bool) -> int | None:

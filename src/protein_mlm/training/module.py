@@ -14,6 +14,7 @@ from protein_mlm.errors import TrainingDiverged
 from protein_mlm.model.checkpoints import CHECKPOINT_FORMAT, CONTACT_HEAD_KEY, FORMAT_KEY, load_pretrained_into
 from protein_mlm.model.esm import build_model
 from protein_mlm.model.objective import MaskedLMTotals, batch_logits, masked_lm
+from protein_mlm.training import lightning_seams
 from protein_mlm.training.agreement import UpdateAgreement
 from protein_mlm.training.schedules import lambda_scheduler
 from protein_mlm.training.updates import UpdateRecord, UpdateWindow
@@ -104,7 +105,7 @@ class MaskedLMModule(pl.LightningModule):
         """True on the micro-batch whose backward completes an optimizer update (Lightning then steps)."""
         if self.window.pending >= self.trainer.accumulate_grad_batches:
             return True
-        return self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # a finite epoch's last, partial window
+        return lightning_seams.is_last_batch(self.trainer)  # a finite epoch's last, partial window
 
     def on_after_backward(self) -> None:
         """At an update's last micro-batch: make the gradient that of (sum of token losses) / (targets), over
