@@ -318,7 +318,9 @@ def reference_scores(model, sequence, mutants, strategy, offset, model_window=10
     return np.array([predict_py_label_row(m, sequence, token_probs, alphabet, offset) for m in mutants])
 
 
-@pytest.mark.parametrize("strategy", ["wt-marginals", "masked-marginals", "pseudo-ppl"])
+@pytest.mark.parametrize(
+    "strategy", ["wt-marginals", "masked-marginals", pytest.param("pseudo-ppl", marks=pytest.mark.slow)]
+)
 def test_scores_equal_predict_py_on_fair_esm(strategy, fair_esm, hf_dir, tmp_path, capsys):
     df = dms_frame()
     assert len(df) >= 20

@@ -185,6 +185,7 @@ def test_the_packer_keeps_segments_under_the_flash_launch_limit(monkeypatch):
         assert len(collate_packed(examples((lengths[batch] - 2).tolist()), 8, 256, in_order=True)["cu_seqlens"]) <= 101
 
 
+@pytest.mark.slow  # compiles the packed path (about 30 s of Inductor on CPU)
 def test_compiled_packed_path_keeps_few_graphs_over_varying_segment_counts(monkeypatch):
     """50 batches whose segment counts span several buckets, through a varlen kernel of flash's signature (the CPU
     reference), compiled: the same logits as eager and at most 4 graphs in all."""

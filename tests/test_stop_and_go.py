@@ -105,7 +105,8 @@ def assert_same_run(resumed: Path, straight: Path, max_steps: int) -> None:
     )
 
 
-@pytest.mark.parametrize("accumulate", [1, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow  # about 90 s: a chain of stops and resumes through train.py
+@pytest.mark.parametrize("accumulate", [1, 3])
 def test_interrupted_runs_resume_exactly(tmp_path, small_fasta, accumulate):
     """kill -9 and SIGTERM chains (run side by side, one per core) against one uninterrupted run."""
     max_steps, points = CHAINS[accumulate]

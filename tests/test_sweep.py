@@ -30,6 +30,7 @@ def read_summary(sweep_dir: Path) -> dict[str, dict]:
         return {row["job"]: row for row in csv.DictReader(f)}
 
 
+@pytest.mark.slow  # three training jobs through train.py -m
 def test_warmup_sweep_names_jobs_logs_each_schedule_and_summarises(tmp_path):
     args = ["-m", *SWEEP, f"paths.cache_dir={tmp_path}/cache", "optimizer.lr=1e-3", "scheduler.warmup_steps=10,2,4"]
     result = run_cli(*args, cwd=tmp_path, timeout=600)
