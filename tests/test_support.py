@@ -2,6 +2,7 @@
 refused with the message it quotes, with the device queries patched and no CUDA context allowed."""
 
 import gzip
+import json
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from protein_mlm.errors import ConfigError
 from protein_mlm.plan import plan_rows
 from protein_mlm.preflight import check_config
 from protein_mlm.train import train
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, TINY, compose_config, run_cli
 
 SUPPORT = ROOT / "docs" / "support.md"
 GIB = 2**30
@@ -173,14 +174,21 @@ RUNNABLE = sorted({(o, e) for n, la, o, e in CELLS if n == "cpu" and la == "pyth
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "expected"), RUNNABLE)
-def test_each_cpu_cell_that_works_trains(monkeypatch, tiny_cfg, files, tmp_path, overrides, expected):
+def test_each_cpu_cell_that_works_trains(monkeypatch, tiny_cfg, cache_dir, files, tmp_path, overrides, expected):
     """A few updates through Trainer.fit for every CPU row the table says works."""
     monkeypatch.setattr(plan_module, "cpu_supports_bf16", lambda: False)
     given = overrides_of("cpu", overrides, files)
     if "data.streaming=true" in given:
         given += ["data.num_workers=0"]
-    cfg = tiny_cfg(*given, "trainer.max_steps=3", "trainer.val_check_interval=3", "data.max_length=64")
-    metrics = train(cfg)
+    short = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.max_length=64"]
+    if "trainer.devices=2" in given:  # several processes: Lightning re-runs the command line, so run train.py as a user
+        run_dir = tmp_path / "ddp_run"
+        args = [*TINY, f"paths.cache_dir={cache_dir}", *given, *short, "num_threads=1", f"hydra.run.dir={run_dir}"]
+        result = run_cli(*args, cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        metrics = json.loads((run_dir / "status.json").read_text())
+    else:
+        metrics = train(tiny_cfg(*given, *short))
     assert metrics["steps"] == 3 and math.isfinite(metrics["val/loss"])
 
 
